@@ -1,0 +1,5 @@
+import sys
+
+from hrvit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,120 @@
+"""The `hrvit` command: train, eval, predict, synth.
+
+    hrvit train CONFIG [key=value ...]        train (one process, or under deepspeed/srun)
+    hrvit eval RUN_DIR [key=value ...]        full-resolution Dice of a trained run
+    hrvit predict RUN_DIR --input PATH --out DIR   full-resolution prediction + PNG overlay
+    hrvit synth {slides,volumes} --out DIR    deterministic synthetic data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hrvit.errors import HrvitError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hrvit", description="Vision Transformers on gigapixel slides and 3-D volumes.")
+    # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML recipe")
+    t.add_argument("config", help="YAML recipe, e.g. launch/recipes/quickstart.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 output.dir=runs/x")
+
+    e = sub.add_parser("eval", help="evaluate a trained run at full resolution")
+    e.add_argument("run", type=Path, help="run folder (holds config.yaml and checkpoints/)")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.split=test")
+
+    r = sub.add_parser("predict", help="predict full-resolution labels for images")
+    r.add_argument("run", type=Path, help="run folder (holds config.yaml and checkpoints/)")
+    r.add_argument("--input", type=Path, nargs="+", required=True,
+                   help="an image (slide, NIfTI, PNG/npy); for multi-file volumes give every channel file")
+    r.add_argument("--out", type=Path, required=True, help="output folder")
+
+    s = sub.add_parser("synth", help="write deterministic synthetic data")
+    s.add_argument("kind", choices=["slides", "volumes"])
+    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--n", type=int, default=8, help="number of cases (default 8)")
+    s.add_argument("--size", type=int, default=None,
+                   help="slide edge in pixels (default 1024) or volume edge in voxels (default 64)")
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _run_config(run: Path, overrides: list[str]):
+    from hrvit.config import load_config
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise HrvitError(f"{run}: not a run folder (no config.yaml)")
+    return load_config(path, ["train.resume=auto", *overrides])
+
+
+def cmd_train(args) -> int:
+    from hrvit.config import load_config
+    from hrvit.engine.trainer import train
+
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from hrvit.engine.trainer import check_cases, evaluate, find_cases, load_weights
+    from hrvit.parallel.dist import init_distributed
+
+    cfg = _run_config(args.run, args.overrides)
+    init_distributed(cfg.parallel.timeout_s)
+    specs = find_cases(cfg)
+    ndim, channels = check_cases(cfg, specs)
+    model = load_weights(args.run, cfg, ndim, channels)
+    result = evaluate(cfg, model, specs, None, step=-1)
+    (args.run / "eval.json").write_text(json.dumps(result, indent=2))
+    print(f"mean Dice {result['dice_mean']} over {result['cases']} case(s) of split '{cfg.eval.split}'; "
+          f"per class {result.get('dice_per_class')}; written to {args.run / 'eval.json'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from hrvit.engine.predict import predict_files
+
+    cfg = _run_config(args.run, [])
+    for path in predict_files(args.run, cfg, [args.input], args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from hrvit.data.synthetic import make_slides, make_volumes
+
+    if args.n < 1:
+        raise HrvitError(f"--n: {args.n} must be >= 1")
+    if args.kind == "slides":
+        path = make_slides(args.out, n=args.n, size=args.size or 1024, seed=args.seed,
+                           progress=lambda i, n: print(f"slide {i}/{n}", flush=True))
+    else:
+        size = args.size or 64
+        path = make_volumes(args.out, n=args.n, shape=(size, size, size), seed=args.seed)
+    print(f"wrote {args.n} synthetic {args.kind} to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # DeepSpeed's op builder makes torch warn "No CUDA runtime is found" on every CPU start; it is expected there.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth}[args.command]
+    try:
+        return command(args)
+    except HrvitError as err:
+        print(f"hrvit {args.command}: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

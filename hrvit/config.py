@@ -1,0 +1,391 @@
+"""Typed run configuration: YAML files plus dotted overrides, validated before anything runs.
+
+A run is described by one `Config`. `load_config(path, overrides)` reads a YAML recipe,
+applies `section.key=value` overrides (values parsed as YAML), rejects unknown keys with the
+closest valid one suggested, checks every type and the combinations that cannot work, and
+returns the config. `to_yaml(cfg)` writes the resolved form that reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from hrvit.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DataConfig:
+    layout: Literal["manifest", "paip", "brats"] = "manifest"
+    """How cases are found: a manifest file (CSV/JSON), a PAIP-2019 folder or a BraTS-2021 folder."""
+    manifest: str | None = None
+    """Manifest path (layout=manifest); image/label paths inside are relative to it."""
+    root: str | None = None
+    """Dataset folder (layout=paip or brats)."""
+    num_classes: int = 3
+    """Label classes including background (0); labels must lie in [0, num_classes)."""
+    class_names: list[str] | None = None
+    """Optional names for reports, one per class."""
+    window: int | None = 256
+    """Edge of the square/cubic window the model sees, in level-0 pixels; null = the whole image."""
+    foreground_bias: float = 0.5
+    """Probability that a training window is centred on a labelled (non-zero) pixel."""
+    augment: bool = True
+    """Random flips of training windows (seeded per sample)."""
+    val_fraction: float = 0.2
+    """Share of cases held out for evaluation when the layout has no split."""
+    workers: int = 0
+    """DataLoader worker processes per rank (0 = read in the training process)."""
+
+
+@dataclass
+class PatchingConfig:
+    mode: Literal["uniform"] = "uniform"
+    """Tokenizer: uniform grid of base-size patches."""
+    patch_size: int = 16
+    """Base patch size p (a power of two >= 4); every token is p x p (x p) pixels."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "nano"
+    """Encoder preset: nano, tiny, small, base (see hrvit.models.PRESETS)."""
+    embed_dim: int | None = None
+    """Override the preset's width."""
+    depth: int | None = None
+    """Override the preset's number of blocks (a multiple of 4: the decoder taps d/4..d)."""
+    num_heads: int | None = None
+    """Override the preset's attention heads."""
+    decoder_channels: list[int] | None = None
+    """Override the decoder widths, one per upsampling stage."""
+    drop_path: float = 0.0
+    """Stochastic depth rate."""
+    checkpoint_activations: bool = False
+    """Recompute block activations in backward to save memory."""
+    init_from: str | None = None
+    """A local timm ViT checkpoint (.pth/.bin/.safetensors) to initialise the encoder."""
+
+
+@dataclass
+class ParallelConfig:
+    sp_size: int = 1
+    """Sequence-parallel group size (1 = off)."""
+    timeout_s: int = 300
+    """Collective timeout: a lost rank stops the job after this many seconds instead of hanging."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in the run."""
+    micro_batch: int = 4
+    """Samples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW, linear warm-up then cosine decay)."""
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 50
+    """Linear warm-up steps (a run shorter than that warms up over its first half)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 = off)."""
+    dice_weight: float = 1.0
+    """Weight of the soft Dice term of the loss."""
+    ce_weight: float = 1.0
+    """Weight of the cross-entropy term of the loss."""
+    seed: int = 0
+    """Seed for the model, the data order and every random transform."""
+    log_every: int = 10
+    """Steps between lines in metrics.jsonl and the log."""
+    ckpt_every: int = 0
+    """Steps between checkpoints (0 = only at the end)."""
+    resume: str | None = None
+    """'auto' (latest checkpoint in output.dir, if any) or a checkpoint folder to resume from."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Steps between evaluations (0 = only at the end)."""
+    split: str = "val"
+    """Which cases to evaluate."""
+    batch: int = 8
+    """Windows per forward pass at evaluation."""
+    max_cases: int | None = None
+    """Evaluate at most this many cases (null = all)."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    """Run folder: resolved config, metrics.jsonl, summary.json, checkpoints, pictures."""
+    picture: bool = True
+    """Write a PNG (image | truth | prediction) of the first evaluated case."""
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON (ZeRO stage, precision); relative paths are tried from the repository too."""
+    overrides: dict = field(default_factory=dict)
+    """Merged into the JSON (nested dicts merge key by key)."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+
+# ---------------------------------------------------------------- building from dicts
+
+
+def _suggest(name: str, valid: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, get_args(tp)))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp in (str, float) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {'a number' if tp is float else 'a string'}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key '{full}'{_suggest(str(key), names, prefix)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.steps=100")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML 1.1 reads '3e-4' as a string; accept it as the number the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe (or start from defaults), apply overrides, validate, return the Config."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject values and combinations that cannot work, naming the key."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    p = cfg.patching.patch_size
+    need(p >= 4 and p & (p - 1) == 0, f"patching.patch_size: {p} must be a power of two >= 4")
+    w = cfg.data.window
+    need(w is None or (w >= p and w % p == 0),
+         f"data.window: {w} must be a multiple of patching.patch_size ({p})")
+    need(cfg.data.num_classes >= 2, f"data.num_classes: {cfg.data.num_classes} must be >= 2")
+    names = cfg.data.class_names
+    need(names is None or len(names) == cfg.data.num_classes,
+         f"data.class_names: {len(names or [])} names given for data.num_classes={cfg.data.num_classes}")
+    need(0.0 <= cfg.data.foreground_bias <= 1.0, "data.foreground_bias: must lie in [0, 1]")
+    need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction: must lie in [0, 1)")
+    need(cfg.data.workers >= 0, "data.workers: must be >= 0")
+    if cfg.data.layout == "manifest":
+        need(cfg.data.manifest is not None, "data.manifest: required when data.layout is 'manifest'")
+    else:
+        need(cfg.data.root is not None, f"data.root: required when data.layout is '{cfg.data.layout}'")
+    t = cfg.train
+    for key in ("steps", "micro_batch", "grad_accum", "log_every"):
+        need(getattr(t, key) >= 1, f"train.{key}: {getattr(t, key)} must be >= 1")
+    need(t.lr > 0, f"train.lr: {t.lr} must be > 0")
+    need(t.warmup_steps >= 0, f"train.warmup_steps: {t.warmup_steps} must be >= 0")
+    need(t.ckpt_every >= 0, "train.ckpt_every: must be >= 0")
+    need(t.dice_weight >= 0 and t.ce_weight >= 0 and t.dice_weight + t.ce_weight > 0,
+         "train.dice_weight/train.ce_weight: must be >= 0 and not both 0")
+    need(cfg.parallel.sp_size >= 1, f"parallel.sp_size: {cfg.parallel.sp_size} must be >= 1")
+    need(cfg.parallel.sp_size == 1, "parallel.sp_size: sequence parallelism is not available yet; use 1")
+    need(cfg.parallel.timeout_s >= 1, "parallel.timeout_s: must be >= 1")
+    need(cfg.eval.every >= 0, "eval.every: must be >= 0")
+    need(cfg.eval.batch >= 1, "eval.batch: must be >= 1")
+    need(cfg.eval.split in ("train", "val", "test"), f"eval.split: {cfg.eval.split!r} is not train, val or test")
+    need(cfg.model.drop_path >= 0, "model.drop_path: must be >= 0")
+    for key in ("embed_dim", "depth", "num_heads"):
+        v = getattr(cfg.model, key)
+        need(v is None or v >= 1, f"model.{key}: {v} must be >= 1")
+    ds_path = resolve_path(cfg.deepspeed.config)
+    need(ds_path.is_file(), f"deepspeed.config: {cfg.deepspeed.config} not found (e.g. ds_configs/zero2.json)")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, or relative to the repository when it does not exist as given."""
+    path = Path(path)
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- DeepSpeed JSON
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    """The DeepSpeed dict: the JSON file, its overrides, and what hrvit derives from `train`.
+
+    Batch sizes are derived once here (micro-batch x accumulation x data-parallel size);
+    a JSON or override that sets them differently is an error rather than a silent winner.
+    """
+    path = resolve_path(cfg.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    ds = _merge(ds, cfg.deepspeed.overrides)
+    t = cfg.train
+    derived = {
+        "train_micro_batch_size_per_gpu": t.micro_batch,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch * t.grad_accum * dp_size,
+    }
+    for key, value in derived.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(
+                f"deepspeed: {key}={ds[key]} in {path.name}/overrides conflicts with the value {value} "
+                f"derived from train.micro_batch={t.micro_batch}, train.grad_accum={t.grad_accum} and "
+                f"{dp_size} data-parallel ranks; remove it from the DeepSpeed config")
+        ds[key] = value
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    ds.setdefault("optimizer", {
+        "type": "AdamW",
+        "params": {"lr": t.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": t.weight_decay,
+                   **({} if offload else {"torch_adam": True})},
+    })
+    ds.setdefault("scheduler", {
+        "type": "WarmupCosineLR",
+        "params": {"total_num_steps": t.steps, "warmup_num_steps": min(t.warmup_steps, t.steps // 2),
+                   "warmup_type": "linear",
+                   "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
+    })
+    if t.grad_clip > 0:
+        ds.setdefault("gradient_clipping", t.grad_clip)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,237 @@
+"""Dataset layouts -> a list of cases; opening and validating a case.
+
+Layouts:
+- "manifest": CSV (columns image, label, split; optional id) or JSON (a list of {"image", "label",
+  "split", "id"}); image may hold several paths separated by ';' (or a JSON list), one per channel.
+  Paths are relative to the manifest's folder. Rows without a split get one from assign_splits.
+- "paip": a folder of <case>.(svs|tif|tiff) slides with <case>_mask.tif(f) whole-tumour masks
+  (PAIP-2019 style; <case>_whole.tif is accepted too). Splits from assign_splits.
+- "brats": <root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz (BraTS-2021); channels in that order.
+  BraTS labels {0, 1, 2, 4} are mapped to classes {0, 1, 2, 3} automatically (CaseSpec.label_map).
+
+In "paip" and "brats", a folder without any label files is an unlabelled (test) set; some missing
+labels among labelled cases is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hrvit.data.sources import LabelSource, Source, open_image, open_label, suffix
+from hrvit.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+LAYOUTS = ("manifest", "paip", "brats")
+BRATS_LABEL_MAP = {0: 0, 1: 1, 2: 2, 4: 3}
+BRATS_CHANNELS = ("t1", "t1ce", "t2", "flair")
+
+
+@dataclass
+class CaseSpec:
+    id: str
+    image: list[Path]  # one path, or one per channel (BraTS)
+    label: Path | None
+    split: str  # "train" | "val" | "test"
+    label_map: dict[int, int] | None = None  # raw stored value -> class, applied on reading
+
+
+@dataclass
+class Case:
+    spec: CaseSpec
+    image: Source
+    label: LabelSource | None
+
+
+def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
+    """Deterministic train/val split: a seeded permutation of the sorted ids; at least one of each when possible."""
+    ids = sorted(ids)
+    n_val = round(val_fraction * len(ids))
+    if val_fraction > 0 and len(ids) >= 2:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    val = {ids[i] for i in order[:n_val]}
+    return {i: "val" if i in val else "train" for i in ids}
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    return name[: -len(suffix(path))] if suffix(path) else name
+
+
+def _missing(specs: list[CaseSpec], where: Path) -> None:
+    missing = [p for s in specs for p in [*s.image, s.label] if p is not None and not p.is_file()]
+    if missing:
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise DataError(f"{where}: {len(missing)} file(s) not found: {', '.join(map(str, missing[:10]))}{more}")
+
+
+def _read_manifest(manifest: Path) -> list[dict]:
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: manifest not found")
+    try:
+        if suffix(manifest) == ".json":
+            rows = json.loads(manifest.read_text(encoding="utf-8-sig"))
+            rows = rows.get("cases", rows) if isinstance(rows, dict) else rows
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise DataError(f'{manifest}: expected a JSON list of {{"image": ..., "label": ..., "split": ...}}')
+            return rows
+        with open(manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if rows := list(reader):
+                if "image" not in (reader.fieldnames or []):
+                    raise DataError(f"{manifest}: CSV needs an 'image' column, found {reader.fieldnames}")
+            return rows
+    except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"{manifest}: cannot parse manifest ({e})") from None
+
+
+def _from_manifest(manifest: Path, val_fraction: float, seed: int) -> list[CaseSpec]:
+    base = manifest.parent
+    specs, unsplit = [], []
+    for n, row in enumerate(_read_manifest(manifest), start=1):
+        image = row.get("image") or ""
+        parts = image if isinstance(image, list) else [p.strip() for p in str(image).split(";") if p.strip()]
+        if not parts:
+            raise DataError(f"{manifest}: case {n} has no image")
+        label = str(row.get("label") or "").strip()
+        split = str(row.get("split") or "").strip().lower()
+        if split and split not in SPLITS:
+            raise DataError(f"{manifest}: case {n} has split {split!r}; expected one of {', '.join(SPLITS)}")
+        images = [base / p for p in parts]
+        case_id = str(row.get("id") or "").strip() or _stem(images[0])
+        specs.append(CaseSpec(case_id, images, base / label if label else None, split))
+        if not split:
+            unsplit.append(case_id)
+    ids = [s.id for s in specs]
+    if dup := sorted({i for i in ids if ids.count(i) > 1}):
+        raise DataError(f"{manifest}: duplicate case ids {dup[:10]}; add an 'id' column")
+    splits = assign_splits(unsplit, val_fraction, seed)
+    for s in specs:
+        s.split = s.split or splits[s.id]
+    return specs
+
+
+def _labels_all_or_none(specs: list[CaseSpec]) -> list[CaseSpec]:
+    """Unlabelled folder -> test set; partly labelled -> name the missing labels."""
+    if not any(s.label.is_file() for s in specs):
+        for s in specs:
+            s.label, s.split = None, "test"
+    return specs
+
+
+def _from_paip(root: Path, val_fraction: float, seed: int) -> list[CaseSpec]:
+    specs = []
+    for p in sorted(root.iterdir()):
+        if suffix(p) not in (".svs", ".tif", ".tiff") or p.stem.endswith(("_mask", "_whole", "_viable")):
+            continue
+        masks = [root / f"{p.stem}{tag}{ext}" for tag in ("_mask", "_whole") for ext in (".tif", ".tiff")]
+        label = next((m for m in masks if m.is_file()), masks[0])
+        specs.append(CaseSpec(p.stem, [p], label, ""))
+    specs = _labels_all_or_none(specs)
+    splits = assign_splits([s.id for s in specs], val_fraction, seed)
+    for s in specs:
+        s.split = s.split or splits[s.id]
+    return specs
+
+
+def _from_brats(root: Path, val_fraction: float, seed: int) -> list[CaseSpec]:
+    specs = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        images = [d / f"{d.name}_{c}.nii.gz" for c in BRATS_CHANNELS]
+        specs.append(CaseSpec(d.name, images, d / f"{d.name}_seg.nii.gz", "", dict(BRATS_LABEL_MAP)))
+    specs = _labels_all_or_none(specs)
+    splits = assign_splits([s.id for s in specs], val_fraction, seed)
+    for s in specs:
+        s.split = s.split or splits[s.id]
+    return specs
+
+
+def discover(
+    layout: str,
+    root: Path | None = None,
+    manifest: Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> list[CaseSpec]:
+    """List the cases of a dataset; every listed file exists (else DataError naming up to 10 of them)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"data.layout: unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "manifest":
+        if manifest is None:
+            if root is None:
+                raise ConfigError("data.manifest: the manifest layout needs a manifest (or a root with manifest.csv)")
+            found = [Path(root) / f for f in ("manifest.csv", "manifest.json") if (Path(root) / f).is_file()]
+            manifest = found[0] if found else Path(root) / "manifest.csv"
+        where = Path(manifest)
+        specs = _from_manifest(where, val_fraction, seed)
+    else:
+        if root is None:
+            raise ConfigError(f"data.root: the {layout} layout needs a root folder")
+        where = Path(root)
+        if not where.is_dir():
+            raise DataError(f"{where}: dataset folder not found")
+        specs = (_from_paip if layout == "paip" else _from_brats)(where, val_fraction, seed)
+    if not specs:
+        expected = {
+            "manifest": "at least one row",
+            "paip": "<case>.svs|.tif|.tiff slides with <case>_mask.tif masks",
+            "brats": "<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz folders",
+        }[layout]
+        raise DataError(f"{where}: no cases found (layout {layout!r} expects {expected})")
+    _missing(specs, where)
+    return specs
+
+
+def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[int, int] | None = None) -> Case:
+    """Open image and label and check they share one grid; labels are read through label_map
+    (argument, else spec.label_map) and checked against num_classes on every read."""
+    image = open_image(spec.image)
+    label = None
+    if spec.label is not None:
+        label = open_label(spec.label)
+        lmap = label_map if label_map is not None else spec.label_map
+        label.label_map = None if lmap is None else {int(k): int(v) for k, v in lmap.items()}
+        label.num_classes = num_classes
+        if tuple(label.shape) != tuple(image.shape):
+            raise DataError(
+                f"{spec.label}: label shape {tuple(label.shape)} does not match image shape "
+                f"{tuple(image.shape)} of {spec.image[0]}"
+            )
+        affine = getattr(image, "affine", None)
+        if affine is not None and not np.allclose(getattr(label, "affine", affine), affine, atol=1e-3):
+            raise DataError(f"{spec.label}: label affine does not match the affine of {spec.image[0]}")
+    return Case(spec, image, label)
+
+
+def check_labels(case: Case, num_classes: int) -> None:
+    """Scan the whole label map region by region; DataError if a value is outside [0, num_classes) after mapping."""
+    label = case.label
+    if label is None:
+        return
+    raw = label.values()
+    if raw.size and raw.dtype.kind == "f" and not np.array_equal(raw, np.rint(raw)):
+        raise DataError(f"{label.path}: label values must be integers, found {raw[raw != np.rint(raw)][:5].tolist()}")
+    raw = raw.astype(np.int64)
+    lmap = label.label_map
+    if lmap is not None:
+        unmapped = [v for v in raw.tolist() if v not in lmap]
+        if unmapped:
+            raise DataError(f"{label.path}: label values {unmapped[:10]} are not in label_map {lmap}")
+        raw = np.array([lmap[v] for v in raw.tolist()], np.int64)
+    bad = raw[(raw < 0) | (raw >= num_classes)]
+    if bad.size:
+        raise DataError(f"{label.path}: label values {bad[:10].tolist()} are outside [0, {num_classes}) "
+                        f"(num_classes={num_classes})")
+
+
+def check_min_size(case: Case, patch_size: int | tuple[int, ...]) -> None:
+    """DataError if the image is smaller than one patch in any spatial dimension."""
+    shape = tuple(case.image.shape)
+    ps = (patch_size,) * len(shape) if isinstance(patch_size, int) else tuple(patch_size)
+    if any(d < p for d, p in zip(shape, ps)):
+        raise DataError(f"{case.spec.image[0]}: image shape {shape} is smaller than the patch size {ps}")

@@ -1,0 +1,35 @@
+"""Whole-image prediction: cover the image with windows, run the model, stitch full-resolution labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from hrvit.data.datasets import Case
+from hrvit.data.windows import grid_starts, read_window, window_shape
+from hrvit.patching import collate, depatch
+
+
+@torch.no_grad()
+def predict_case(model: Callable, case: Case, *, window: int | None, patch_size: int, batch: int) -> np.ndarray:
+    """Label map (uint8, the image's full-resolution shape) predicted window by window."""
+    shape = tuple(case.image.shape)
+    win = window_shape(shape, window, patch_size)
+    pred = np.zeros(shape, dtype=np.uint8)
+    starts = grid_starts(shape, win)
+    for first in range(0, len(starts), batch):
+        chunk = starts[first:first + batch]
+        b = collate([read_window(case, s, win, patch_size, with_label=False) for s in chunk])
+        logits = model(b["pixels"], b["boxes"], b["valid"], b["image_shape"]).float()
+        for j, start in enumerate(chunk):
+            labels = depatch(logits[j], b["boxes"][j], b["valid"][j], win).argmax(0).to(torch.uint8).numpy()
+            region = tuple(slice(s, min(s + w, n)) for s, w, n in zip(start, win, shape))
+            pred[region] = labels[tuple(slice(0, r.stop - r.start) for r in region)]
+    return pred
+
+
+def read_truth(case: Case) -> np.ndarray:
+    shape = tuple(case.label.shape)
+    return case.label.read((0,) * len(shape), shape)

@@ -1,0 +1,43 @@
+"""Full-resolution Dice per case and class, from counts so that partial results add up."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hrvit.patching import IGNORE_INDEX
+
+
+def dice_counts(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """[3, K] array of (intersection, predicted, true) pixel counts per class, ignoring IGNORE_INDEX."""
+    keep = truth != IGNORE_INDEX
+    pred, truth = pred[keep].astype(np.int64), truth[keep].astype(np.int64)
+    inter = np.bincount(truth[pred == truth], minlength=num_classes)[:num_classes]
+    return np.stack([inter, np.bincount(pred, minlength=num_classes)[:num_classes],
+                     np.bincount(truth, minlength=num_classes)[:num_classes]])
+
+
+def dice_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Dice per class; NaN where a class is absent from both prediction and truth."""
+    inter, predicted, true = counts
+    denom = predicted + true
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, 2.0 * inter / np.maximum(denom, 1), np.nan)
+
+
+def summarize(per_case: dict[str, np.ndarray], class_names: list[str]) -> dict:
+    """Mean over cases of each class's Dice; `dice_mean` over the foreground classes (1..K-1)."""
+    table = np.array([dice_from_counts(c) for c in per_case.values()])  # [cases, K]
+    with np.errstate(invalid="ignore"):
+        per_class = np.nanmean(table, axis=0) if len(table) else np.full(len(class_names), np.nan)
+    foreground = per_class[1:]
+    mean = float(np.nanmean(foreground)) if np.isfinite(foreground).any() else float("nan")
+
+    def clean(v):
+        return None if not np.isfinite(v) else round(float(v), 6)
+
+    return {
+        "dice_mean": clean(mean),
+        "dice_per_class": {name: clean(v) for name, v in zip(class_names, per_class)},
+        "dice_per_case": {case: {name: clean(v) for name, v in zip(class_names, dice_from_counts(c))}
+                          for case, c in per_case.items()},
+    }

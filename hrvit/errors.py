@@ -1,0 +1,13 @@
+"""Errors hrvit raises for bad input; the CLI prints their message and exits with status 2."""
+
+
+class HrvitError(Exception):
+    """A problem the user can fix (bad config, bad data); its message says what and where."""
+
+
+class ConfigError(HrvitError):
+    """A config key or value is wrong; the message names the key."""
+
+
+class DataError(HrvitError):
+    """An input file is missing, unreadable or inconsistent; the message names the file."""

@@ -1,0 +1,1 @@
+"""Process groups and launcher environments (sequence parallelism arrives here later)."""

@@ -1,0 +1,6 @@
+"""Tokenizers that turn an image into a `PatchSequence`, and `depatch` back to full resolution."""
+
+from hrvit.patching.sequence import IGNORE_INDEX, PatchSequence, collate
+from hrvit.patching.uniform import depatch, patch_uniform
+
+__all__ = ["IGNORE_INDEX", "PatchSequence", "collate", "depatch", "patch_uniform"]

@@ -1,0 +1,127 @@
+"""End to end with real processes: DeepSpeed training, resume, eval, predict, and bad input."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import openslide
+import pytest
+from conftest import TINY, hrvit
+
+from hrvit.data import open_label
+
+RECIPE = "launch/recipes/quickstart.yaml"
+
+
+def _losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def trained(slides, tmp_path_factory):
+    """A 2-rank ZeRO-2 run of 16 steps with a checkpoint at step 8."""
+    run = tmp_path_factory.mktemp("runs") / "zero2"
+    hrvit("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", "train.steps=16",
+          "train.ckpt_every=8", "train.lr=3e-3", ranks=2)
+    return run
+
+
+def test_two_rank_zero2_training_loss_falls(trained):
+    losses = _losses(trained)
+    assert sorted(losses) == list(range(1, 17))
+    first, last = np.mean([losses[s] for s in (1, 2, 3)]), np.mean([losses[s] for s in (14, 15, 16)])
+    assert last < 0.85 * first, losses
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["steps"] == 16
+    assert summary["patching"] == "uniform" and summary["samples_per_s"] > 0 and summary["tokens_per_s"] > 0
+    assert 0 <= summary["dice_mean"] <= 1 and set(summary["dice_per_class"]) == {"background", "tumour", "gland"}
+    assert (trained / "prediction.png").stat().st_size > 0
+    assert (trained / "config.yaml").is_file() and (trained / "deepspeed.json").is_file()
+
+
+def test_resume_continues_the_same_loss_curve(trained, tmp_path):
+    """Keep only the step-8 checkpoint (as a run stopped there would), resume, compare steps 9-16."""
+    resumed = tmp_path / "resumed"
+    shutil.copytree(trained, resumed)
+    for tag in (resumed / "checkpoints").iterdir():
+        if tag.is_dir() and tag.name != "step0000008":
+            shutil.rmtree(tag)
+    (resumed / "checkpoints" / "latest").write_text("step0000008")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(line for line in lines if json.loads(line)["step"] <= 8) + "\n")
+    hrvit("train", resumed / "config.yaml", f"output.dir={resumed}", "train.resume=auto", ranks=2)
+    before, after = _losses(trained), _losses(resumed)
+    for step in range(9, 17):
+        assert after[step] == pytest.approx(before[step], abs=1e-6), (step, before, after)
+    assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 8
+
+
+def test_eval_and_predict_slide(trained, slides, tmp_path):
+    proc = hrvit("eval", trained)
+    assert "mean Dice" in proc.stdout
+    assert json.loads((trained / "eval.json").read_text())["cases"] >= 1
+    image = next(p for p in sorted(slides.parent.glob("*.tiff")) if not p.name.endswith("_mask.tiff"))
+    hrvit("predict", trained, "--input", image, "--out", tmp_path)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.endswith(".png") for name in written), written
+    pred = open_label(next(p for p in tmp_path.iterdir() if p.name.endswith("_pred.tiff")))
+    assert pred.shape == openslide_shape(image)
+    values = pred.read((0, 0), pred.shape)
+    assert set(np.unique(values).tolist()) <= {0, 1, 2}
+
+
+def test_volume_training_and_prediction_keep_the_affine(volumes, tmp_path):
+    run = tmp_path / "run3d"
+    hrvit("train", "launch/recipes/quickstart3d.yaml", *TINY, f"data.root={volumes}", "data.window=16",
+          "patching.patch_size=4", "model.decoder_channels=[16,16]", f"output.dir={run}", "train.steps=3")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["dice_mean"] is not None
+    case = sorted(p for p in volumes.iterdir() if p.is_dir())[0]
+    inputs = [case / f"{case.name}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")]
+    hrvit("predict", run, "--input", *inputs, "--out", tmp_path / "pred")
+    pred_path = next((tmp_path / "pred").glob("*.nii.gz"))
+    ref, pred = nib.load(inputs[0]), nib.load(pred_path)
+    assert pred.shape == ref.shape
+    assert np.allclose(pred.affine, ref.affine)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 4}
+
+
+def openslide_shape(path):
+    width, height = openslide.OpenSlide(path).dimensions
+    return (height, width)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.manifest={missing}", "missing.csv"),
+    ("data.num_classes=2 data.class_names=null", "outside [0, 2)"),
+    ("data.window=256 patching.patch_size=256", "is smaller than the patch size (256, 256)"),
+    ("train.lrr=1", "did you mean 'train.lr'"),
+])
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(slides, tmp_path, override, message):
+    run = tmp_path / "run"
+    overrides = override.format(missing=tmp_path / "missing.csv").split()
+    proc = hrvit("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("truncated", "slide_001.tiff"),
+    ("geometry", "does not match image shape"),
+])
+def test_corrupt_or_mismatched_files_exit_2_and_write_nothing(slides, tmp_path, fault, message):
+    data = tmp_path / "data"
+    shutil.copytree(slides.parent, data)
+    if fault == "truncated":
+        path = data / "slide_001.tiff"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        from hrvit.data import write_pyramid_from_array
+        write_pyramid_from_array(data / "slide_001_mask.tiff", np.zeros((192, 160), np.uint8), tile=64)
+    run = tmp_path / "run"
+    proc = hrvit("train", RECIPE, *TINY, f"data.manifest={data / 'manifest.csv'}", f"output.dir={run}", check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not run.exists()
