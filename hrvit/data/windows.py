@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 
+from hrvit.config import PatchingConfig
 from hrvit.data.datasets import Case, CaseSpec, open_case
 from hrvit.patching import PatchSequence, patch_uniform
 
@@ -40,13 +41,16 @@ def grid_starts(image_shape, window) -> list[tuple[int, ...]]:
     return list(itertools.product(*axes))
 
 
-def read_window(case: Case, start, shape, patch_size: int, with_label: bool = True) -> PatchSequence:
-    """Read one window of a case and cut it into tokens; boxes are relative to the window."""
+def read_window(case: Case, start, shape, patching: PatchingConfig, with_label: bool = True,
+                rng: np.random.Generator | None = None) -> PatchSequence:
+    """Read one window of a case and cut it into tokens as `patching` says; boxes are relative
+    to the window. This is the one place where a tokenizer is chosen. `rng` drives any random
+    part of the tokenizer (training only)."""
     image = torch.from_numpy(np.ascontiguousarray(case.image.read(start, shape)))
     label = None
     if with_label and case.label is not None:
         label = torch.from_numpy(np.ascontiguousarray(case.label.read(start, shape)))
-    seq = patch_uniform(image, patch_size, label)
+    seq = patch_uniform(image, patching.patch_size, label)
     seq.meta = {"case": case.spec.id, "origin": tuple(int(s) for s in start)}
     return seq
 
@@ -54,11 +58,11 @@ def read_window(case: Case, start, shape, patch_size: int, with_label: bool = Tr
 class TrainWindows(torch.utils.data.Dataset):
     """Training sample k -> a random window of a random training case, deterministic in (seed, k)."""
 
-    def __init__(self, specs: list[CaseSpec], *, window: int | None, patch_size: int, seed: int,
+    def __init__(self, specs: list[CaseSpec], *, window: int | None, patching: PatchingConfig, seed: int,
                  foreground_bias: float, augment: bool, label_map: dict | None = None):
         self.specs = specs
         self.window = window
-        self.patch_size = patch_size
+        self.patching = patching
         self.seed = seed
         self.foreground_bias = foreground_bias
         self.augment = augment
@@ -93,7 +97,7 @@ class TrainWindows(torch.utils.data.Dataset):
         i = int(rng.integers(len(self.specs)))
         case = self._case(i)
         shape = case.image.shape
-        win = window_shape(shape, self.window, self.patch_size)
+        win = window_shape(shape, self.window, self.patching.patch_size)
         high = [max(s - w, 0) for s, w in zip(shape, win)]
         points = self._foreground_points(i) if self.foreground_bias > 0 else None
         if points is not None and rng.random() < self.foreground_bias:
@@ -101,7 +105,7 @@ class TrainWindows(torch.utils.data.Dataset):
             start = [int(np.clip(c - w // 2, 0, h)) for c, w, h in zip(centre, win, high)]
         else:
             start = [int(rng.integers(h + 1)) for h in high]
-        seq = read_window(case, start, win, self.patch_size)
+        seq = read_window(case, start, win, self.patching, rng=rng)
         if self.augment:
             seq = _flip(seq, [d for d in range(len(shape)) if rng.random() < 0.5])
         return seq

@@ -7,21 +7,23 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from hrvit.config import PatchingConfig
 from hrvit.data.datasets import Case
 from hrvit.data.windows import grid_starts, read_window, window_shape
 from hrvit.patching import collate, depatch
 
 
 @torch.no_grad()
-def predict_case(model: Callable, case: Case, *, window: int | None, patch_size: int, batch: int) -> np.ndarray:
+def predict_case(model: Callable, case: Case, *, window: int | None, patching: PatchingConfig,
+                 batch: int) -> np.ndarray:
     """Label map (uint8, the image's full-resolution shape) predicted window by window."""
     shape = tuple(case.image.shape)
-    win = window_shape(shape, window, patch_size)
+    win = window_shape(shape, window, patching.patch_size)
     pred = np.zeros(shape, dtype=np.uint8)
     starts = grid_starts(shape, win)
     for first in range(0, len(starts), batch):
         chunk = starts[first:first + batch]
-        b = collate([read_window(case, s, win, patch_size, with_label=False) for s in chunk])
+        b = collate([read_window(case, s, win, patching, with_label=False) for s in chunk])
         logits = model(b["pixels"], b["boxes"], b["valid"], b["image_shape"]).float()
         for j, start in enumerate(chunk):
             labels = depatch(logits[j], b["boxes"][j], b["valid"][j], win).argmax(0).to(torch.uint8).numpy()

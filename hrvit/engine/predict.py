@@ -43,7 +43,7 @@ def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path) -
                             f"but the model of {run} takes {model.encoder.ndim}-D images with "
                             f"{model.encoder.in_chans} channel(s)")
         case = Case(CaseSpec(_stem(paths[0]), list(paths), None, "test"), source, None)
-        pred = predict_case(model, case, window=cfg.data.window, patch_size=cfg.patching.patch_size,
+        pred = predict_case(model, case, window=cfg.data.window, patching=cfg.patching,
                             batch=cfg.eval.batch)
         out.mkdir(parents=True, exist_ok=True)
         name = _stem(paths[0])

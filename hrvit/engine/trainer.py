@@ -102,7 +102,7 @@ def evaluate(cfg: Config, model, specs: list[CaseSpec], run: Path | None, step: 
     model.eval()
     for i, spec in enumerate(cases):
         case = open_case(spec, num_classes=cfg.data.num_classes)
-        pred = predict_case(model, case, window=cfg.data.window, patch_size=cfg.patching.patch_size,
+        pred = predict_case(model, case, window=cfg.data.window, patching=cfg.patching,
                             batch=cfg.eval.batch)
         truth = read_truth(case)
         per_case[spec.id] = dice_counts(pred, truth, cfg.data.num_classes)
@@ -158,7 +158,7 @@ def train(cfg: Config) -> dict | None:
 
     t = cfg.train
     dataset = TrainWindows([s for s in specs if s.split == "train"], window=cfg.data.window,
-                           patch_size=cfg.patching.patch_size, seed=t.seed,
+                           patching=cfg.patching, seed=t.seed,
                            foreground_bias=cfg.data.foreground_bias, augment=cfg.data.augment)
     sampler = StepSampler(start_step=start_step, steps=t.steps, grad_accum=t.grad_accum,
                           micro_batch=t.micro_batch, dp_rank=dp_rank, dp_size=dp_size)
