@@ -4,6 +4,7 @@
     hrvit eval RUN_DIR [key=value ...]        full-resolution Dice of a trained run
     hrvit predict RUN_DIR --input PATH --out DIR   full-resolution prediction + PNG overlay
     hrvit synth {slides,volumes} --out DIR    deterministic synthetic data
+    hrvit patchify INPUT --out overlay.png [--json STATS]   adaptive tokens of one image, drawn
 """
 
 from __future__ import annotations
@@ -44,6 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=None,
                    help="slide edge in pixels (default 1024) or volume edge in voxels (default 64)")
     s.add_argument("--seed", type=int, default=0)
+
+    a = sub.add_parser("patchify", help="adaptive patching of one image: leaf outlines and token statistics")
+    a.add_argument("input", type=Path, nargs="+",
+                   help="an image (slide, NIfTI, PNG/npy); one file per channel for volumes")
+    a.add_argument("--out", type=Path, required=True, help="overlay PNG: leaf outlines coloured by level")
+    a.add_argument("--json", type=Path, default=None, help="write the statistics here as JSON")
+    a.add_argument("--config", type=Path, default=None, help="take the patching section of this recipe first")
+    a.add_argument("--tokens", type=int, default=None, help="token budget L (default 1024 unless --threshold)")
+    a.add_argument("--patch-size", type=int, default=None, help="base patch size p (default 16)")
+    a.add_argument("--threshold", type=float, default=None, help="threshold mode: split while detail mass > T")
+    a.add_argument("--scorer", choices=["edge", "variance"], default=None)
+    a.add_argument("--tissue-mask", action="store_true", default=None, help="no small leaves outside tissue")
+    a.add_argument("--min-leaf", type=int, default=None)
+    a.add_argument("--max-leaf", type=int, default=None)
+    a.add_argument("--max-edge", type=int, default=2048, help="longest side of the overlay (default 2048)")
     return p
 
 
@@ -104,11 +120,39 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_patchify(args) -> int:
+    from hrvit.config import load_config, patching_config, to_dict
+    from hrvit.data.sources import open_image
+    from hrvit.patching.overlay import patchify
+
+    values = to_dict(load_config(args.config))["patching"] if args.config else {}
+    options = {"tokens": args.tokens, "patch_size": args.patch_size, "threshold": args.threshold,
+               "scorer": args.scorer, "tissue_mask": args.tissue_mask, "min_leaf": args.min_leaf,
+               "max_leaf": args.max_leaf}
+    values.update({k: v for k, v in options.items() if v is not None}, mode="adaptive")
+    if values.get("tokens") is None and values.get("threshold") is None:
+        values["tokens"] = 1024
+    cfg = patching_config(values)
+    source = open_image(args.input if len(args.input) > 1 else args.input[0])
+    stats = {"input": [str(p) for p in args.input], **patchify(source, cfg, args.out, args.max_edge),
+             "patching": to_dict(cfg)}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(stats, indent=2))
+    s = stats["seconds"]
+    print(f"{stats['real_tokens']} real tokens of {stats['tokens']} for a {'x'.join(map(str, source.shape))} image; "
+          f"leaves per level {stats['leaves_per_level']}, area per level {stats['area_fraction_per_level']}; "
+          f"level-0 fraction read {stats['level0_fraction_read']:.4f}; seconds: scores {s['scores']}, "
+          f"tree {s['tree']}, resample {s['resample']}, total {s['total']}; overlay {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # DeepSpeed's op builder makes torch warn "No CUDA runtime is found" on every CPU start; it is expected there.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth,
+               "patchify": cmd_patchify}[args.command]
     try:
         return command(args)
     except HrvitError as err:

@@ -50,10 +50,32 @@ class DataConfig:
 
 @dataclass
 class PatchingConfig:
-    mode: Literal["uniform"] = "uniform"
-    """Tokenizer: uniform grid of base-size patches."""
+    mode: Literal["uniform", "adaptive"] = "uniform"
+    """Tokenizer: 'uniform' (a grid of base-size patches) or 'adaptive' (quadtree/octree leaves, small where
+    the image is detailed, each resampled to p). With adaptive, set data.window to null so the tree covers the
+    whole image; a window gives adaptive patching inside each window."""
     patch_size: int = 16
     """Base patch size p (a power of two >= 4); every token is p x p (x p) pixels."""
+    tokens: int | None = None
+    """Adaptive: tokens per sample L. Budget mode (no threshold): exactly L, real leaves then masked padding.
+    Threshold mode: at most L leaves (null = no cap)."""
+    threshold: float | None = None
+    """Adaptive: null = budget mode; a value >= 0 = threshold mode: split while a node's detail mass (mean
+    detail in [0, 1] x its area in p-sized patches) exceeds it (variable length)."""
+    min_leaf: int | None = None
+    """Adaptive: smallest leaf edge in level-0 pixels, a power-of-two multiple of p (null = p)."""
+    max_leaf: int | None = None
+    """Adaptive: largest leaf edge, a power-of-two multiple of p (null = the largest that fits the image's
+    shortest side)."""
+    scorer: Literal["edge", "variance"] = "edge"
+    """Adaptive: detail score, 'edge' (gradient-magnitude edge density) or 'variance' (intensity standard
+    deviation)."""
+    tissue_mask: bool = False
+    """Adaptive: zero the detail outside tissue (Otsu on saturation for RGB, on intensity otherwise), so
+    background gets no small leaves."""
+    jitter: float = 0.0
+    """Adaptive, training only: the scorer's thresholds are multiplied by exp(U(-jitter, jitter)) per sample
+    (seeded augmentation)."""
 
 
 @dataclass
@@ -282,6 +304,7 @@ def validate(cfg: Config) -> None:
     w = cfg.data.window
     need(w is None or (w >= p and w % p == 0),
          f"data.window: {w} must be a multiple of patching.patch_size ({p})")
+    _validate_adaptive(cfg.patching, need)
     need(cfg.data.num_classes >= 2, f"data.num_classes: {cfg.data.num_classes} must be >= 2")
     names = cfg.data.class_names
     need(names is None or len(names) == cfg.data.num_classes,
@@ -302,7 +325,6 @@ def validate(cfg: Config) -> None:
     need(t.dice_weight >= 0 and t.ce_weight >= 0 and t.dice_weight + t.ce_weight > 0,
          "train.dice_weight/train.ce_weight: must be >= 0 and not both 0")
     need(cfg.parallel.sp_size >= 1, f"parallel.sp_size: {cfg.parallel.sp_size} must be >= 1")
-    need(cfg.parallel.sp_size == 1, "parallel.sp_size: sequence parallelism is not available yet; use 1")
     need(cfg.parallel.timeout_s >= 1, "parallel.timeout_s: must be >= 1")
     need(cfg.eval.every >= 0, "eval.every: must be >= 0")
     need(cfg.eval.batch >= 1, "eval.batch: must be >= 1")
@@ -313,6 +335,37 @@ def validate(cfg: Config) -> None:
         need(v is None or v >= 1, f"model.{key}: {v} must be >= 1")
     ds_path = resolve_path(cfg.deepspeed.config)
     need(ds_path.is_file(), f"deepspeed.config: {cfg.deepspeed.config} not found (e.g. ds_configs/zero2.json)")
+
+
+def patching_config(values: dict) -> PatchingConfig:
+    """The patching section alone (for tools such as `hrvit patchify`), built and validated."""
+    cfg = _build(PatchingConfig, values, "patching.")
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    p = cfg.patch_size
+    need(p >= 4 and p & (p - 1) == 0, f"patching.patch_size: {p} must be a power of two >= 4")
+    _validate_adaptive(cfg, need)
+    return cfg
+
+
+def _validate_adaptive(a: PatchingConfig, need) -> None:
+    if a.mode != "adaptive":
+        return
+    p = a.patch_size
+    need(a.tokens is not None or a.threshold is not None,
+         "patching.tokens: adaptive patching needs a token budget (or patching.threshold)")
+    need(a.tokens is None or a.tokens >= 1, f"patching.tokens: {a.tokens} must be >= 1")
+    need(a.threshold is None or a.threshold >= 0.0, f"patching.threshold: {a.threshold} must be >= 0")
+    for key in ("min_leaf", "max_leaf"):
+        v = getattr(a, key)
+        need(v is None or (v >= p and v % p == 0 and (v // p) & (v // p - 1) == 0),
+             f"patching.{key}: {v} must be patching.patch_size ({p}) times a power of two")
+    need(a.min_leaf is None or a.max_leaf is None or a.min_leaf <= a.max_leaf,
+         f"patching.min_leaf: {a.min_leaf} is larger than patching.max_leaf ({a.max_leaf})")
+    need(0.0 <= a.jitter <= 3.0, f"patching.jitter: {a.jitter} must lie in [0, 3]")
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -376,7 +429,7 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     })
     ds.setdefault("scheduler", {
         "type": "WarmupCosineLR",
-        "params": {"total_num_steps": t.steps, "warmup_num_steps": min(t.warmup_steps, t.steps // 2),
+        "params": {"total_num_steps": t.steps, "warmup_num_steps": max(1, min(t.warmup_steps, t.steps // 2)),
                    "warmup_type": "linear",
                    "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
     })

@@ -12,6 +12,6 @@ stamp=.venv/.hrvit-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "hrvit setup: installing hrvit and its dependencies (torch, deepspeed, timm, openslide, nibabel, ...)"
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+  .venv/bin/python -m pip install --quiet -e ".[dev,mpi]"
   touch "$stamp"
 fi

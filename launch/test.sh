@@ -4,6 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh || exit 1
+# Same PATH as launch/quickstart.sh: DeepSpeed rebuilds its CPU op whenever the ninja on PATH changes.
+export PATH="$PWD/.venv/bin:$PATH"
 .venv/bin/python -m pytest -q "$@"
 rc=$?
 if [ $rc -eq 5 ]; then

@@ -1,7 +1,8 @@
 """Dataset layouts -> a list of cases; opening and validating a case.
 
 Layouts:
-- "manifest": CSV (columns image, label, split; optional id) or JSON (a list of {"image", "label",
+- "manifest": CSV (columns image, label, split; optional id; optional target = image-level class
+  for task classify) or JSON (a list of {"image", "label",
   "split", "id"}); image may hold several paths separated by ';' (or a JSON list), one per channel.
   Paths are relative to the manifest's folder. Rows without a split get one from assign_splits.
 - "paip": a folder of <case>.(svs|tif|tiff) slides with <case>_mask.tif(f) whole-tumour masks
@@ -38,6 +39,7 @@ class CaseSpec:
     label: Path | None
     split: str  # "train" | "val" | "test"
     label_map: dict[int, int] | None = None  # raw stored value -> class, applied on reading
+    target: int | None = None  # image-level class (task: classify), from a manifest's 'target' column
 
 
 @dataclass
@@ -104,7 +106,11 @@ def _from_manifest(manifest: Path, val_fraction: float, seed: int) -> list[CaseS
             raise DataError(f"{manifest}: case {n} has split {split!r}; expected one of {', '.join(SPLITS)}")
         images = [base / p for p in parts]
         case_id = str(row.get("id") or "").strip() or _stem(images[0])
-        specs.append(CaseSpec(case_id, images, base / label if label else None, split))
+        target = str(row.get("target") if row.get("target") is not None else "").strip()
+        if target and not target.lstrip("-").isdigit():
+            raise DataError(f"{manifest}: case {n} has target {target!r}; expected an integer class")
+        specs.append(CaseSpec(case_id, images, base / label if label else None, split,
+                              target=int(target) if target else None))
         if not split:
             unsplit.append(case_id)
     ids = [s.id for s in specs]

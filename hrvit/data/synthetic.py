@@ -390,3 +390,80 @@ def make_volumes(out: Path, n: int, shape=(64, 64, 64), seed: int = 0) -> Path:
             write_nifti(out / case / f"{case}_{name}.nii.gz", np.rint(image * 1000).astype(np.int16), affine)
         write_nifti(out / case / f"{case}_seg.nii.gz", seg, affine)
     return out
+
+
+# --- megapixel recognition (IPS) ---------------------------------------------------------------
+
+MEGAPIXEL_CLASSES = ("red", "green", "blue", "yellow")
+"""The label of a megapixel canvas is the colour of its few target objects; everything else is grey."""
+
+_TARGET_INK = np.array([[200, 40, 40], [40, 160, 60], [40, 60, 200], [220, 190, 30]], np.float64)
+_SHAPES = 4  # disk, square, cross, ring
+
+
+class MegapixelCanvas:
+    """A large light canvas with grey distractor shapes and `targets` coloured objects whose colour
+    is the label (in the spirit of Megapixel MNIST: the answer sits in a few small places). Objects
+    sit one per grid cell of `cell` pixels, so a grid of `cell`-sized candidate patches holds each
+    whole; any tile of any level is computed on its own, like SyntheticSlide."""
+
+    def __init__(self, size: int, seed: int, label: int, cell: int = 32, targets: int = 3,
+                 distractor_share: float = 0.1):
+        rng = np.random.default_rng(seed)
+        self.shape, self.cell, self.key = (size, size), cell, int(rng.integers(2**31))
+        g = size // cell
+        n_cells = g * g
+        order = rng.permutation(n_cells)
+        n_objects = targets + int(distractor_share * n_cells)
+        # per cell (last entry: outside the grid): shape (-1 = empty), radius, centre offset, ink
+        self.kind = np.full(n_cells + 1, -1, np.int64)
+        self.kind[order[:n_objects]] = rng.integers(0, _SHAPES, n_objects)
+        self.radius = np.append(rng.uniform(0.25, 0.38, n_cells) * cell, 1.0)
+        self.offset = np.vstack([rng.uniform(-0.08, 0.08, (n_cells, 2)) * cell, [[0, 0]]])
+        self.ink = np.repeat(rng.uniform(90, 150, (n_cells + 1, 1)), 3, axis=1)
+        self.ink[order[:targets]] = _TARGET_INK[label]
+        self.grid = g
+
+    def image(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        s = 2**level
+        ys = (np.arange(y0, y0 + h) + 0.5) * s
+        xs = (np.arange(x0, x0 + w) + 0.5) * s
+        cy, cx = (ys // self.cell).astype(np.int64), (xs // self.cell).astype(np.int64)
+        inside = (cy[:, None] < self.grid) & (cx[None, :] < self.grid)
+        cell = np.where(inside, cy[:, None] * self.grid + cx[None, :], len(self.kind) - 1)
+        dy = ys[:, None] - (cy[:, None] + 0.5) * self.cell - self.offset[cell, 0]
+        dx = xs[None, :] - (cx[None, :] + 0.5) * self.cell - self.offset[cell, 1]
+        r, kind = self.radius[cell], self.kind[cell]
+        dist = np.hypot(dy, dx)
+        box = np.maximum(np.abs(dy), np.abs(dx))
+        arm = np.minimum(np.abs(dy), np.abs(dx))
+        drawn = np.select(
+            [kind == 0, kind == 1, kind == 2, kind == 3],
+            [dist <= r, box <= 0.85 * r, (box <= r) & (arm <= r / 3), (dist <= r) & (dist >= 0.55 * r)],
+            False)
+        noise = _hash(self.key, (ys // s).astype(np.int64)[:, None], (xs // s).astype(np.int64)[None, :])
+        paper = 235 + 12 * noise[..., None] * np.ones(3)
+        return np.clip(np.where(drawn[..., None], self.ink[cell], paper), 0, 255).astype(np.uint8)
+
+
+def make_megapixel(out: Path, n: int, size: int = 1024, seed: int = 0, cell: int = 32,
+                   val_fraction: float = 0.25, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write out/canvas_XXX.tiff (RGB pyramids) and out/manifest.csv (image,target,split) with
+    balanced labels (case i has label i mod 4, so every split sees every class); returns the manifest."""
+    from hrvit.data.datasets import assign_splits
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [f"canvas_{i:03d}" for i in range(n)]
+    splits = assign_splits(ids, val_fraction, seed)
+    for i, case in enumerate(ids):
+        canvas = MegapixelCanvas(size, slide_seed(seed, i), label=i % len(MEGAPIXEL_CLASSES), cell=cell)
+        write_pyramid(out / f"{case}.tiff", canvas.shape, canvas.image, channels=3, tile=256)
+        if progress:
+            progress(i + 1, n)
+    manifest = out / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "target", "split"])
+        w.writerows([f"{c}.tiff", i % len(MEGAPIXEL_CLASSES), splits[c]] for i, c in enumerate(ids))
+    return manifest

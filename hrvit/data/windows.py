@@ -16,7 +16,8 @@ import torch
 
 from hrvit.config import PatchingConfig
 from hrvit.data.datasets import Case, CaseSpec, open_case
-from hrvit.patching import PatchSequence, patch_uniform
+from hrvit.errors import DataError
+from hrvit.patching import PatchSequence, patch_adaptive, patch_pyramid, patch_uniform
 
 MAX_LABEL_SCAN = 64 * 1024 * 1024
 """Labels up to this many pixels are scanned once to centre windows on foreground."""
@@ -45,13 +46,34 @@ def read_window(case: Case, start, shape, patching: PatchingConfig, with_label: 
                 rng: np.random.Generator | None = None) -> PatchSequence:
     """Read one window of a case and cut it into tokens as `patching` says; boxes are relative
     to the window. This is the one place where a tokenizer is chosen. `rng` drives any random
-    part of the tokenizer (training only)."""
+    part of the tokenizer (training only).
+
+    Adaptive: the tree covers the window's in-image part (a window may reach past the image);
+    `image_shape` stays the window, as with uniform tokens, so depatch and stitching work alike.
+    Slides are read pyramid-natively (the tree on a low-resolution level, each leaf from its own
+    level: faster than reading the window whole even at 1024^2), other images whole.
+    """
+    origin = tuple(int(s) for s in start)
+    if patching.mode == "adaptive":
+        inside = tuple(max(0, min(w, n - s)) for s, w, n in zip(origin, shape, case.image.shape))
+        label_source = case.label if with_label else None
+        try:
+            if hasattr(case.image, "read_level"):
+                seq = patch_pyramid(case.image, patching, origin, inside, label_source, rng, image_shape=shape)
+            else:
+                image = torch.from_numpy(np.ascontiguousarray(case.image.read(origin, inside)))
+                label = None if label_source is None else torch.from_numpy(label_source.read(origin, inside))
+                seq = patch_adaptive(image, patching, label, rng, image_shape=shape)
+        except DataError as err:
+            raise DataError(f"{case.spec.image[0]}: {err}") from None
+        seq.meta.update(case=case.spec.id, origin=origin, extent=inside)
+        return seq
     image = torch.from_numpy(np.ascontiguousarray(case.image.read(start, shape)))
     label = None
     if with_label and case.label is not None:
         label = torch.from_numpy(np.ascontiguousarray(case.label.read(start, shape)))
     seq = patch_uniform(image, patching.patch_size, label)
-    seq.meta = {"case": case.spec.id, "origin": tuple(int(s) for s in start)}
+    seq.meta = {"case": case.spec.id, "origin": origin}
     return seq
 
 
@@ -112,18 +134,20 @@ class TrainWindows(torch.utils.data.Dataset):
 
 
 def _flip(seq: PatchSequence, axes: list[int]) -> PatchSequence:
-    """Mirror a uniform window along `axes` (token pixels, targets and boxes together)."""
+    """Mirror a window along `axes` (token pixels, targets and boxes together) about the extent
+    its tokens were cut from: the window rounded up to p (uniform), or its in-image part
+    (adaptive; a leaf that reached past the image edge then starts before 0). Padding stays put."""
     if not axes:
         return seq
     ndim = seq.ndim
-    pixel_axes = [2 + a for a in axes]
-    seq.pixels = seq.pixels.flip(pixel_axes)
+    seq.pixels = seq.pixels.flip([2 + a for a in axes])
     if seq.target is not None:
         seq.target = seq.target.flip([1 + a for a in axes])
+    extent = seq.meta.get("extent") or [math.ceil(s / seq.patch_size) * seq.patch_size for s in seq.image_shape]
     boxes = seq.boxes.clone()
     for a in axes:
-        extent = math.ceil(seq.image_shape[a] / seq.patch_size) * seq.patch_size
-        boxes[:, a] = extent - seq.boxes[:, a] - seq.boxes[:, ndim + a]
+        mirrored = extent[a] - seq.boxes[:, a] - seq.boxes[:, ndim + a]
+        boxes[:, a] = torch.where(seq.valid, mirrored, seq.boxes[:, a])
     seq.boxes = boxes
     return seq
 

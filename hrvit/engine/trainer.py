@@ -1,9 +1,14 @@
 """The training run, top to bottom: check inputs, build, train, evaluate, summarise.
 
 Everything random is seeded from the config: data windows by (seed, sample index), and the
-torch generator (dropout, drop-path) by (seed, step, rank) at every step. That is why a run
-resumed from a checkpoint continues exactly like the uninterrupted run without saving any
-generator state.
+torch generator (dropout, drop-path) by (seed, step, data-parallel rank) at every step. That is
+why a run resumed from a checkpoint continues exactly like the uninterrupted run without saving
+any generator state, and why the ranks of a sequence-parallel group, which share a data-parallel
+rank, see the same samples and make the same random draws.
+
+Under sequence parallelism (parallel.sp_size > 1) each rank of a group keeps a slice of every
+sample's tokens (hrvit/parallel/shard.py); attention spans the group (hrvit/parallel/attention.py);
+the loss is computed from sums added over the group, so it is the loss of the whole sequence.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ from hrvit.data.datasets import CaseSpec, check_labels, check_min_size, discover
 from hrvit.data.windows import StepSampler, TrainWindows
 from hrvit.engine.infer import predict_case, read_truth
 from hrvit.engine.log import RunLog
-from hrvit.engine.losses import segmentation_loss
+from hrvit.engine.losses import loss_from_sums, segmentation_sums
 from hrvit.engine.metrics import dice_counts, summarize
 from hrvit.engine.picture import read_for_picture, write_picture
 from hrvit.errors import ConfigError, HrvitError
 from hrvit.models import build_model
 from hrvit.parallel.dist import init_distributed
+from hrvit.parallel.shard import SequenceParallelForward, shard_batch, sum_over_group
+from hrvit.parallel.topology import SequenceParallel, check_parallel, grad_sum_factor
 from hrvit.patching import collate
 
 CHECKPOINTS = "checkpoints"
@@ -94,15 +101,18 @@ def latest_checkpoint(run: Path) -> Path | None:
     return ckpt if (ckpt / "latest").is_file() else None
 
 
-def evaluate(cfg: Config, model, specs: list[CaseSpec], run: Path | None, step: int) -> dict:
-    """Full-resolution Dice of every evaluation case; every rank runs it (ZeRO-3 needs them in step)."""
+def evaluate(cfg: Config, model, specs: list[CaseSpec], run: Path | None, step: int,
+             sp: SequenceParallel | None = None) -> dict:
+    """Full-resolution Dice of every evaluation case; every rank runs it (ZeRO-3 needs them in step).
+    With `sp`, the ranks of each SP group run every window together and all get its whole prediction."""
     cases = [s for s in specs if s.split == cfg.eval.split][: cfg.eval.max_cases]
     per_case = {}
     was_training = model.training
     model.eval()
+    forward = model if sp is None else SequenceParallelForward(model, sp.group, sp.size, sp.sp_rank)
     for i, spec in enumerate(cases):
         case = open_case(spec, num_classes=cfg.data.num_classes)
-        pred = predict_case(model, case, window=cfg.data.window, patching=cfg.patching,
+        pred = predict_case(forward, case, window=cfg.data.window, patching=cfg.patching,
                             batch=cfg.eval.batch)
         truth = read_truth(case)
         per_case[spec.id] = dice_counts(pred, truth, cfg.data.num_classes)
@@ -121,14 +131,15 @@ def train(cfg: Config) -> dict | None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world = init_distributed(cfg.parallel.timeout_s)
     sp = cfg.parallel.sp_size
-    if world % sp:
-        raise ConfigError(f"parallel.sp_size: {sp} does not divide the {world} launched ranks")
+    check_parallel(sp, world)
+    topo = SequenceParallel(sp) if sp > 1 else None  # collective: every rank, before any can fail
     dp_size, dp_rank = world // sp, rank // sp
 
     # Everything that can be wrong with the inputs is found before anything is written.
     specs = _on_rank0_then_share(lambda: find_cases(cfg))
     ndim, channels = _on_rank0_then_share(lambda: check_cases(cfg, specs))
     ds_config = deepspeed_config(cfg, dp_size)
+    grad_factor = grad_sum_factor(ds_config, sp)
     run = prepare_run_dir(cfg)
     resume_from = None
     if cfg.train.resume == "auto":
@@ -143,8 +154,14 @@ def train(cfg: Config) -> dict | None:
     if cfg.model.init_from:
         from hrvit.models import load_timm_checkpoint
         load_timm_checkpoint(model.encoder, cfg.model.init_from)
+    if topo is not None:
+        from hrvit.parallel.attention import ulysses_core
+
+        check_parallel(sp, world, model.encoder.num_heads)
+        model.encoder.set_attention_core(ulysses_core(topo.group))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config)
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        mpu=topo)
 
     start_step = 0
     if resume_from is not None:
@@ -166,7 +183,8 @@ def train(cfg: Config) -> dict | None:
                                          num_workers=cfg.data.workers,
                                          persistent_workers=cfg.data.workers > 0)
     log = RunLog(run, total=t.steps, start=start_step, enabled=rank == 0)
-    log.info(f"hrvit: {world} rank(s), ZeRO-{zero_stage(ds_config)}, {ndim}-D, {channels} channel(s), "
+    log.info(f"hrvit: {world} rank(s) = {dp_size} data-parallel x {sp} sequence-parallel, "
+             f"ZeRO-{zero_stage(ds_config)}, {ndim}-D, {channels} channel(s), "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"steps {start_step}->{t.steps}, run folder {run}")
 
@@ -175,19 +193,25 @@ def train(cfg: Config) -> dict | None:
     train_time = 0.0
     window_loss = []
     for step in range(start_step, t.steps):
-        torch.manual_seed(hash((t.seed, step, rank)) % 2**63)
+        torch.manual_seed(hash((t.seed, step, dp_rank)) % 2**63)
         tick = time.perf_counter()
         step_loss = 0.0
         for _ in range(t.grad_accum):
             batch = next(batches)
-            logits = engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"])
+            samples += len(batch["meta"]) * dp_size
+            tokens += int(batch["valid"].sum()) * dp_size
+            if topo is not None:
+                batch = shard_batch(batch, sp, topo.sp_rank)
+            logits = engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"],
+                            batch.get("key_valid"))
             valid = batch["valid"]
-            loss = segmentation_loss(logits[valid], batch["target"][valid], t.dice_weight, t.ce_weight)
-            engine.backward(loss)
+            sums = segmentation_sums(logits[valid], batch["target"][valid])
+            if topo is not None:
+                sums = sum_over_group(sums, topo.group)  # every rank of the group: the whole sequence's loss
+            loss = loss_from_sums(sums, t.dice_weight, t.ce_weight)
+            engine.backward(loss * grad_factor if grad_factor != 1 else loss)
             engine.step()
             step_loss += loss.item() / t.grad_accum
-            samples += len(batch["meta"]) * dp_size
-            tokens += int(valid.sum()) * dp_size
         train_time += time.perf_counter() - tick
         if not math.isfinite(step_loss):
             raise HrvitError(f"train: loss became {step_loss} at step {step + 1}; lower train.lr or check the data")
@@ -204,10 +228,10 @@ def train(cfg: Config) -> dict | None:
         if t.ckpt_every and done % t.ckpt_every == 0 and done != t.steps:
             engine.save_checkpoint(str(run / CHECKPOINTS), tag=f"step{done:07d}", client_state={"step": done})
         if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
-            log.metrics({"step": done, "eval": evaluate(cfg, engine, specs, run, done)})
+            log.metrics({"step": done, "eval": evaluate(cfg, engine, specs, run, done, topo)})
     engine.save_checkpoint(str(run / CHECKPOINTS), tag=f"step{t.steps:07d}", client_state={"step": t.steps})
     log.info("hrvit: evaluating at full resolution")
-    result = evaluate(cfg, engine, specs, run, t.steps)
+    result = evaluate(cfg, engine, specs, run, t.steps, topo)
     log.metrics({"step": t.steps, "eval": result})
     summary = {
         "dice_mean": result.get("dice_mean"),

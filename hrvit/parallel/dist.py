@@ -1,35 +1,38 @@
-"""Start torch.distributed through DeepSpeed, as one process or under a launcher."""
+"""Start torch.distributed through DeepSpeed, as one process or under any launcher (see env.py)."""
 
 from __future__ import annotations
 
 import os
-import socket
 from datetime import timedelta
 
 import torch.distributed as dist
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from hrvit.errors import HrvitError
+from hrvit.parallel.env import discover, pick_device
 
 
 def init_distributed(timeout_s: int) -> tuple[int, int]:
     """Join (or, run alone, create) the process group; returns (rank, world_size).
 
     A run started without a launcher becomes a one-rank group on a free local port, so the
-    same code path (and DeepSpeed) serves single-process and multi-process runs.
+    same code path (and DeepSpeed) serves single-process and multi-process runs. The rendezvous
+    and every collective give up after `timeout_s` seconds with an error instead of hanging.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=timedelta(seconds=timeout_s), verbose=False)
+        env = discover()
+        env["LOCAL_RANK"] = str(pick_device(int(env["LOCAL_RANK"])))
+        os.environ.update(env)
+        try:
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                       timeout=timedelta(seconds=timeout_s), verbose=False)
+        except (RuntimeError, ValueError, OSError) as err:
+            raise HrvitError(
+                f"parallel: rank {env['RANK']} of {env['WORLD_SIZE']} could not join the process group at "
+                f"MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']} within parallel.timeout_s="
+                f"{timeout_s} s: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return dist.get_rank(), dist.get_world_size()
 
 

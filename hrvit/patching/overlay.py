@@ -1,0 +1,118 @@
+"""Seeing a tree: leaf boundaries drawn over the image (a mid-plane montage for volumes), and token statistics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hrvit.patching.adaptive import patch_adaptive, patch_pyramid
+from hrvit.patching.sequence import PatchSequence
+
+LEVEL_COLOURS = np.array([[230, 25, 75], [245, 130, 48], [255, 225, 25], [60, 180, 75], [70, 240, 240],
+                          [0, 130, 200], [145, 30, 180], [240, 50, 230], [128, 128, 128]], np.uint8)
+"""Outline colour of a leaf of level l = log2(size / p): red for base-size leaves, then orange, yellow, ..."""
+MIN_EDGE = 512
+"""Pictures smaller than this are enlarged (nearest) before the outlines are drawn."""
+
+
+def leaf_stats(seq: PatchSequence) -> dict:
+    """Token counts, leaves per level and the share of the image area each level covers."""
+    ndim = seq.ndim
+    keep = seq.valid
+    levels = seq.level[keep].tolist()
+    sizes = seq.boxes[keep, ndim:].double()
+    area = sizes.prod(1)
+    total = float(np.prod(seq.image_shape))
+    per_level, fraction = {}, {}
+    for lv in sorted(set(levels)):
+        sel = seq.level[keep] == lv
+        per_level[str(lv)] = int(sel.sum())
+        fraction[str(lv)] = round(float(area[sel].sum()) / total, 6)
+    return {"tokens": len(seq), "real_tokens": seq.real_tokens, "patch_size": seq.patch_size,
+            "image_shape": list(seq.image_shape), "leaves_per_level": per_level, "area_fraction_per_level": fraction}
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """[C, h, w] float -> [h, w, 3] uint8, each channel stretched to its 1st-99th percentile."""
+    chans = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    lo, hi = np.percentile(chans, 1), np.percentile(chans, 99)
+    return (np.clip((chans - lo) / max(hi - lo, 1e-6), 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def draw_leaves(rgb: np.ndarray, starts: np.ndarray, sizes: np.ndarray, levels: np.ndarray,
+                scale: float) -> np.ndarray:
+    """Outline each leaf (level-0 box `starts` [n, 2], `sizes` [n]) on an RGB picture drawn at `scale`
+    picture pixels per level-0 pixel, coloured by level; finer leaves are drawn last (on top)."""
+    out = rgb.copy()
+    h, w = out.shape[:2]
+    for i in np.argsort(-levels, kind="stable"):
+        colour = LEVEL_COLOURS[min(int(levels[i]), len(LEVEL_COLOURS) - 1)]
+        y0, x0 = (int(starts[i, 0] * scale), int(starts[i, 1] * scale))
+        y1 = min(h, int((starts[i, 0] + sizes[i]) * scale)) - 1
+        x1 = min(w, int((starts[i, 1] + sizes[i]) * scale)) - 1
+        if y0 >= h or x0 >= w:
+            continue
+        out[y0, x0:x1 + 1] = out[max(y1, y0), x0:x1 + 1] = colour
+        out[y0:y1 + 1, x0] = out[y0:y1 + 1, max(x1, x0)] = colour
+    return out
+
+
+def overlay(picture: np.ndarray, seq: PatchSequence) -> np.ndarray:
+    """Leaf outlines over `picture` ([C, *S'] float: the image, or a thumbnail of it for slides).
+
+    2-D: one panel. 3-D: the three mid-planes (axial z, coronal y, sagittal x) side by side, each
+    with the leaves that cut it.
+    """
+    keep = seq.valid.numpy()
+    boxes, levels = seq.boxes.numpy()[keep], seq.level.numpy()[keep]
+    ndim = seq.ndim
+    starts, sizes = boxes[:, :ndim], boxes[:, ndim]
+    scale = picture.shape[1] / seq.image_shape[0]
+
+    def panel(plane, starts, sizes, levels):  # small pictures are enlarged so that outlines stay visible
+        rgb = to_rgb(plane)
+        f = max(1, MIN_EDGE // max(rgb.shape[:2]))
+        rgb = np.repeat(np.repeat(rgb, f, 0), f, 1)
+        return draw_leaves(rgb, starts, sizes, levels, scale * f)
+
+    if ndim == 2:
+        return panel(picture, starts, sizes, levels)
+    panels = []
+    for axis in range(3):
+        mid = seq.image_shape[axis] // 2
+        cut = (starts[:, axis] <= mid) & (mid < starts[:, axis] + sizes)
+        other = [a for a in range(3) if a != axis]
+        plane = np.take(picture, int(mid * scale), axis=1 + axis)
+        panels.append(panel(plane, starts[cut][:, other], sizes[cut], levels[cut]))
+    height = max(p.shape[0] for p in panels)
+    gap = np.full((height, 8, 3), 255, np.uint8)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in panels]
+    return np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1)
+
+
+def patchify(source, cfg, out: Path, max_edge: int = 2048) -> dict:
+    """Adaptive tokens of a whole image (a hrvit.data source) as `cfg` says; writes the overlay PNG to
+    `out` and returns the statistics. Slides are patched pyramid-natively and drawn on a thumbnail."""
+    from PIL import Image
+
+    shape = tuple(source.shape)
+    if hasattr(source, "read_level"):
+        seq = patch_pyramid(source, cfg)
+        picture, read_seconds = source.thumbnail(max_edge), 0.0
+    else:
+        tick = time.perf_counter()
+        image = torch.from_numpy(source.read((0,) * len(shape), shape))
+        read_seconds = time.perf_counter() - tick
+        seq = patch_adaptive(image, cfg)
+        seq.meta.update(pixels_read={0: int(np.prod(shape))}, level0_fraction_read=1.0)
+        stride = max(1, -(-max(shape) // max_edge))
+        picture = image[(slice(None), *[slice(None, None, stride)] * len(shape))].numpy()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(overlay(picture, seq)).save(out)
+    seconds = {"read": read_seconds, **seq.meta["seconds"]}
+    return {**leaf_stats(seq), "seconds": {k: round(v, 4) for k, v in seconds.items()},
+            "pixels_read": seq.meta["pixels_read"], "level0_fraction_read": seq.meta["level0_fraction_read"]}
