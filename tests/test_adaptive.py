@@ -128,6 +128,22 @@ def test_detail_gets_the_small_leaves_and_threshold_mode_varies_length():
     assert batch["valid"].sum(1).tolist() == [len(few), len(many)]
 
 
+def test_tissue_mask_and_variance_scorer():
+    g = torch.Generator().manual_seed(3)
+    image = torch.full((3, 128, 128), 0.95)  # glass (left): near-white with grey, unsaturated blocks
+    blocks = (torch.rand(1, 16, 8, generator=g) > 0.7).float()
+    image[:, :, :64] -= 0.5 * blocks.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    image[:, :, 64:] = torch.tensor([0.93, 0.67, 0.8])[:, None, None]  # pink tissue (right) ...
+    image[:, 40:80, 90:120] = torch.tensor([0.5, 0.3, 0.6])[:, None, None]  # ... with a purple blob
+    for scorer in ("edge", "variance"):
+        seqs = [patch_adaptive(image, PatchingConfig(mode="adaptive", patch_size=8, tokens=40, scorer=scorer,
+                                                     tissue_mask=mask)) for mask in (False, True)]
+        plain, masked = (s.boxes[s.valid] for s in seqs)
+        assert (plain[:, 1] < 64).sum() > (masked[:, 1] < 64).sum(), scorer  # the mask moves leaves off the glass
+        small = masked[masked[:, 2] == 8]
+        assert len(small) and (small[:, 1] >= 80).all() and (small[:, 0] >= 32).all() and (small[:, 0] < 88).all()
+
+
 def test_blank_image_is_refined_evenly_or_left_at_its_roots():
     blank = torch.full((3, 96, 64), 0.5)
     seq = patch_adaptive(blank, PatchingConfig(mode="adaptive", patch_size=8, tokens=30))
