@@ -31,10 +31,17 @@ def hrvit(*args, ranks: int = 1, timeout: int = 400, check: bool = True) -> subp
         cmd = [PY, "-m", "hrvit", *map(str, args)]
     else:
         launcher = pathlib.Path(PY).parent / "deepspeed"
-        cmd = [str(launcher), "--num_accelerators", str(ranks), "--master_port", str(free_port()),
+        port = free_port()
+        cmd = [str(launcher), "--num_accelerators", str(ranks), "--master_port", str(port),
                "--module", "hrvit", *map(str, args)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    finally:
+        if ranks > 1:
+            from hrvit.parallel.dist import release_shm_buffers
+
+            release_shm_buffers(port)  # the run may have failed before its own clean-up
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

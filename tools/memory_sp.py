@@ -30,18 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 
 
-def _proc_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
     from hrvit.engine.losses import loss_from_sums, segmentation_sums
+    from hrvit.engine.memory import PeakMemory
     from hrvit.models import build_model
     from hrvit.parallel.attention import ulysses_core
     from hrvit.parallel.dist import init_distributed
@@ -84,22 +78,14 @@ def worker(args) -> None:
     for q in model.parameters():
         q.grad.zero_()
     dist.barrier()
-    if gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        held = torch.cuda.memory_allocated()
-    else:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        held = _proc_status("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    memory = PeakMemory(gpu)
+    held = memory.reset()
     tick = time.perf_counter()
     step()
     if gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - tick
-    peak = torch.cuda.max_memory_allocated() if gpu else _proc_status("VmHWM")
+    peak = memory.peak()
     rows = [None] * world
     dist.all_gather_object(rows, {"held": held, "peak": peak, "seconds": seconds})
     if rank == 0:

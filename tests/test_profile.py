@@ -1,0 +1,97 @@
+"""tools/profile.py: a real 2-rank sweep with a failing configuration, driver mode's timeout, bad input,
+and the analytic FLOP count against DeepSpeed's flops profiler."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+import torch
+from conftest import PY, REPO, free_port
+from PIL import Image
+
+from hrvit.engine.flops import forward_flops, train_step_flops
+from hrvit.models import build_model
+
+TOOL = REPO / "tools" / "profile.py"
+TINY = ["parallel.sp_size=1", "model.embed_dim=32", "model.depth=4", "model.num_heads=2",
+        "model.decoder_channels=[16,16,16]", "p=8", "mode=uniform", "train.micro_batch=2"]
+
+
+def profile(*args, ranks: int = 1, port: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run tools/profile.py as one process (driver mode) or under the deepspeed launcher (in-process mode)."""
+    if ranks == 1:
+        cmd = [PY, str(TOOL)]
+    else:
+        cmd = [str(pathlib.Path(PY).parent / "deepspeed"), "--num_accelerators", str(ranks),
+               "--master_port", str(port or free_port()), str(TOOL)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*cmd, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_flops_match_deepspeed_profiler():
+    """The analytic forward count is within 10% of what DeepSpeed's profiler counts (encoder and whole model)."""
+    from deepspeed.profiling.flops_profiler import get_model_profile
+
+    torch.manual_seed(0)
+    model = build_model("nano", ndim=2, patch_size=16, in_chans=3, num_classes=3)
+    L = 256
+    args = [torch.rand(1, L, 3, 16, 16), torch.randint(0, 512, (1, L, 4)), torch.ones(1, L, dtype=torch.bool),
+            torch.tensor([[1024, 1024]])]
+    for net in (model.encoder, model):
+        counted, _, _ = get_model_profile(net, args=args, print_profile=False, as_string=False, warm_up=0)
+        assert abs(forward_flops(net, L) / counted - 1) < 0.10, (type(net).__name__, forward_flops(net, L), counted)
+    assert train_step_flops(model, L, samples=4) == 3 * 4 * forward_flops(model, L)
+
+
+@pytest.mark.slow
+def test_two_rank_sweep_records_rows_plots_and_a_failure(tmp_path):
+    """sp=3 cannot run on 2 ranks: recorded as an error, and the two configurations after it still run."""
+    out, port = tmp_path / "prof", free_port()
+    proc = profile("launch/recipes/quickstart.yaml", *TINY, "resolution=64", "--sweep", "sp=3,1,2",
+                   "--warmup", 1, "--steps", 2, "--out", out, "--compare", "sp=1,2", ranks=2, port=port)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not list(pathlib.Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # no leaked buffers
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["error", "ok", "ok"]
+    assert "parallel.sp_size" in rows[0]["error"]
+    for row in rows[1:]:
+        assert row["world_size"] == 2 and row["seq_len"] == 64 and row["steps"] == 2
+        assert row["dp_size"] * row["sp_size"] == 2
+        assert row["step_time_p10_s"] <= row["step_time_median_s"] <= row["step_time_p90_s"]
+        assert 0 < row["mfu"] < 1 and row["flops_per_step"] > 0 and row["peak_mem_mib"] > 0
+        assert row["tokens_per_s"] == pytest.approx(2 * row["tokens_per_s_per_device"], rel=0.01)
+        assert abs(sum(row[f"share_{k}"] for k in ("data", "forward", "backward", "optimizer")) - 1) < 0.05
+        assert row["env"]["world_size"] == 2 and row["env"]["git_commit"]
+    assert rows[2]["share_comm"] > 0  # the Ulysses all-to-alls, seen by DeepSpeed's comms logger
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3
+    for row in table[1:]:
+        assert all(row[k] != "" for k in row if k != "error"), row
+    for png in ("memory_vs_sp.png", "tokens_per_config.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100
+    assert json.loads((out / "compare.json").read_text())["geomean"] > 0
+    assert "geometric mean" in proc.stdout
+
+
+@pytest.mark.slow
+def test_driver_mode_stops_a_hung_configuration(tmp_path):
+    """Driver mode runs each configuration in a child; one past --timeout is recorded and the sweep ends normally."""
+    out = tmp_path / "prof"
+    proc = profile("launch/recipes/quickstart.yaml", *TINY, "resolution=64", "--timeout", 1, "--steps", 50,
+                   "--out", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert row["status"] == "timeout" and "--timeout 1" in row["error"]
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    proc = profile("launch/recipes/quickstart.yaml", "--sweep", "model.presett=nano,tiny", "--out", tmp_path)
+    assert proc.returncode == 2 and "model.presett" in proc.stderr and "Traceback" not in proc.stderr
+    proc = profile("launch/recipes/quickstart.yaml", "--sweep", "resolution", "--out", tmp_path)
+    assert proc.returncode == 2 and "--sweep 'resolution'" in proc.stderr
