@@ -1,9 +1,11 @@
 """The `hrvit` command: train, eval, predict, synth.
 
     hrvit train CONFIG [key=value ...]        train (one process, or under deepspeed/srun)
-    hrvit eval RUN_DIR [key=value ...]        full-resolution Dice of a trained run
+    hrvit train --resume RUN_DIR [key=value ...]   continue a run from its newest complete checkpoint
+    hrvit check-data CONFIG [key=value ...]   validate every case of a dataset; table of problems
+    hrvit eval RUN_DIR [key=value ...]        full-resolution Dice (classify: accuracy) of a trained run
     hrvit predict RUN_DIR --input PATH --out DIR   full-resolution prediction + PNG overlay
-    hrvit synth {slides,volumes} --out DIR    deterministic synthetic data
+    hrvit synth {slides,volumes,megapixel} --out DIR    deterministic synthetic data
     hrvit patchify INPUT --out overlay.png [--json STATS]   adaptive tokens of one image, drawn
 """
 
@@ -17,6 +19,9 @@ from pathlib import Path
 
 from hrvit.errors import HrvitError
 
+PREEMPTED_EXIT = 75
+"""`hrvit train` exit status after SIGTERM/SIGUSR1 and a complete checkpoint (EX_TEMPFAIL): requeue the job."""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hrvit", description="Vision Transformers on gigapixel slides and 3-D volumes.")
@@ -24,13 +29,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model from a YAML recipe")
-    t.add_argument("config", help="YAML recipe, e.g. launch/recipes/quickstart.yaml")
+    t = sub.add_parser("train", help="train a model from a YAML recipe",
+                       epilog=f"exit status {PREEMPTED_EXIT}: stopped by SIGTERM/SIGUSR1 after a checkpoint; "
+                              "requeue the job with --resume RUN_DIR")
+    t.add_argument("config", nargs="?", help="YAML recipe, e.g. launch/recipes/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 output.dir=runs/x")
+    t.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue this run (its config.yaml, newest complete checkpoint); no CONFIG then")
+
+    c = sub.add_parser("check-data", help="validate every case of a recipe's dataset; exit 1 if any problem")
+    c.add_argument("config", help="YAML recipe")
+    c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.manifest=data/manifest.csv")
+    c.add_argument("--min-tissue", type=float, default=0.01,
+                   help="smallest tissue (foreground) fraction of an image (default 0.01)")
 
     e = sub.add_parser("eval", help="evaluate a trained run at full resolution")
     e.add_argument("run", type=Path, help="run folder (holds config.yaml and checkpoints/)")
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.split=test")
+    e.add_argument("--selection", choices=["top", "random"], default="top",
+                   help="task: classify: give the model its top ips.memory patches (default) or as many drawn at "
+                        "random, the baseline that shows what selection is worth (eval_random_selection.json)")
 
     r = sub.add_parser("predict", help="predict full-resolution labels for images")
     r.add_argument("run", type=Path, help="run folder (holds config.yaml and checkpoints/)")
@@ -39,11 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", type=Path, required=True, help="output folder")
 
     s = sub.add_parser("synth", help="write deterministic synthetic data")
-    s.add_argument("kind", choices=["slides", "volumes"])
+    s.add_argument("kind", choices=["slides", "volumes", "megapixel"],
+                   help="slides: segmentation slides; volumes: BraTS-layout MRI; megapixel: recognition canvases "
+                        "(label = shape of 3 small red targets among grey distractors) for task: classify")
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.add_argument("--n", type=int, default=8, help="number of cases (default 8)")
     s.add_argument("--size", type=int, default=None,
-                   help="slide edge in pixels (default 1024) or volume edge in voxels (default 64)")
+                   help="slide or canvas edge in pixels (default 1024) or volume edge in voxels (default 64)")
     s.add_argument("--seed", type=int, default=0)
 
     a = sub.add_parser("patchify", help="adaptive patching of one image: leaf outlines and token statistics")
@@ -74,10 +94,46 @@ def _run_config(run: Path, overrides: list[str]):
 
 def cmd_train(args) -> int:
     from hrvit.config import load_config
-    from hrvit.engine.trainer import train
+    from hrvit.engine.trainer import Preempted, train
 
-    train(load_config(args.config, args.overrides))
+    if args.resume is not None:
+        if args.config is not None and "=" not in args.config:
+            raise HrvitError(f"train: give a recipe ({args.config}) or --resume RUN_DIR, not both")
+        cfg = _run_config(args.resume, [f"output.dir={args.resume}", *filter(None, [args.config]), *args.overrides])
+    elif args.config is None:
+        raise HrvitError("train: a recipe (CONFIG) or --resume RUN_DIR is required")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    try:
+        train(cfg)
+    except Preempted:
+        return PREEMPTED_EXIT
+    except RuntimeError as err:
+        if not _lost_peer(err):
+            raise
+        raise HrvitError(f"another rank died or stopped answering for parallel.timeout_s={cfg.parallel.timeout_s} s; "
+                         f"this rank stops too ({str(err).strip().splitlines()[-1][:300]})") from None
     return 0
+
+
+def _lost_peer(err: RuntimeError) -> bool:
+    """Whether a collective failed because a peer is gone (torch's DistError; gloo raises plain RuntimeErrors)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or "/gloo/" in text and any(
+        s in text for s in ("Timed out", "Connection closed", "Connection reset", "Broken pipe"))
+
+
+def cmd_check_data(args) -> int:
+    from hrvit.config import load_config
+    from hrvit.data.check import check_data, format_table
+
+    problems, cases = check_data(load_config(args.config, args.overrides), min_tissue=args.min_tissue)
+    if problems:
+        print(format_table(problems))
+    print(f"{len({p['case'] for p in problems})} of {cases} case(s) with problems ({len(problems)} problem(s))")
+    return 1 if problems else 0
 
 
 def cmd_eval(args) -> int:
@@ -85,14 +141,25 @@ def cmd_eval(args) -> int:
     from hrvit.parallel.dist import init_distributed
 
     cfg = _run_config(args.run, args.overrides)
+    if args.selection == "random" and cfg.task != "classify":
+        raise HrvitError("--selection random: only for task: classify runs (iterative patch selection)")
     init_distributed(cfg.parallel.timeout_s)
     specs = find_cases(cfg)
     ndim, channels = check_cases(cfg, specs)
     model = load_weights(args.run, cfg, ndim, channels)
-    result = evaluate(cfg, model, specs, None, step=-1)
-    (args.run / "eval.json").write_text(json.dumps(result, indent=2))
-    print(f"mean Dice {result['dice_mean']} over {result['cases']} case(s) of split '{cfg.eval.split}'; "
-          f"per class {result.get('dice_per_class')}; written to {args.run / 'eval.json'}")
+    if cfg.task == "classify":
+        from hrvit.engine.classify import evaluate as evaluate_classifier
+        from hrvit.engine.trainer import class_names
+
+        result = evaluate_classifier(cfg, model, specs, None, class_names(cfg), selection=args.selection)
+        score = (f"accuracy {result['accuracy']}, balanced accuracy {result.get('balanced_accuracy')} "
+                 f"({args.selection} selection of {cfg.ips.memory} patches)")
+    else:
+        result = evaluate(cfg, model, specs, None, step=-1)
+        score = f"mean Dice {result['dice_mean']}; per class {result.get('dice_per_class')}"
+    out = args.run / ("eval.json" if args.selection == "top" else "eval_random_selection.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(f"{score} over {result['cases']} case(s) of split '{cfg.eval.split}'; written to {out}")
     return 0
 
 
@@ -106,13 +173,17 @@ def cmd_predict(args) -> int:
 
 
 def cmd_synth(args) -> int:
-    from hrvit.data.synthetic import make_slides, make_volumes
+    from hrvit.data.synthetic import make_megapixel, make_slides, make_volumes
 
     if args.n < 1:
         raise HrvitError(f"--n: {args.n} must be >= 1")
     if args.kind == "slides":
         path = make_slides(args.out, n=args.n, size=args.size or 1024, seed=args.seed,
                            progress=lambda i, n: print(f"slide {i}/{n}", flush=True))
+    elif args.kind == "megapixel":
+        path = make_megapixel(args.out, n=args.n, size=args.size or 1024, seed=args.seed,
+                              progress=lambda i, n: print(f"canvas {i}/{n}", flush=True) if i % 25 == 0 or i == n
+                              else None)
     else:
         size = args.size or 64
         path = make_volumes(args.out, n=args.n, shape=(size, size, size), seed=args.seed)
@@ -152,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed's op builder makes torch warn "No CUDA runtime is found" on every CPU start; it is expected there.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth,
-               "patchify": cmd_patchify}[args.command]
+               "patchify": cmd_patchify, "check-data": cmd_check_data}[args.command]
     try:
         return command(args)
     except HrvitError as err:

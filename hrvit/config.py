@@ -46,6 +46,11 @@ class DataConfig:
     """Share of cases held out for evaluation when the layout has no split."""
     workers: int = 0
     """DataLoader worker processes per rank (0 = read in the training process)."""
+    skip_bad_samples: bool = False
+    """Skip cases and samples that cannot be read (listed in skipped_samples.jsonl in the run folder, counted in
+    summary.json) instead of stopping the run; the substitute sample is drawn deterministically."""
+    allow_outside_root: bool = False
+    """Let manifest paths lead outside the manifest's folder ('..' or absolute paths)."""
 
 
 @dataclass
@@ -135,7 +140,12 @@ class TrainConfig:
     ckpt_every: int = 0
     """Steps between checkpoints (0 = only at the end)."""
     resume: str | None = None
-    """'auto' (latest checkpoint in output.dir, if any) or a checkpoint folder to resume from."""
+    """'auto' (latest complete checkpoint in output.dir, if any) or a checkpoint folder to resume from (a
+    run's checkpoints/ folder or one step folder in it)."""
+    keep_last: int = 3
+    """Complete checkpoints kept in output.dir/checkpoints; older ones are deleted (0 = keep all)."""
+    max_bad_steps: int = 5
+    """Steps in a row with a non-finite loss or gradients that are skipped (no update) before the run stops."""
 
 
 @dataclass
@@ -167,7 +177,34 @@ class DeepSpeedSection:
 
 
 @dataclass
+class IPSConfig:
+    """Iterative patch selection (task: classify): candidates are a grid of `patch`-sized squares."""
+
+    patch: int = 64
+    """Side of a candidate patch in level-0 pixels (a multiple of patching.patch_size: the encoder cuts each
+    patch into (patch / patching.patch_size)^2 tokens)."""
+    stride: int | None = None
+    """Step of the candidate grid (null = patch: no overlap)."""
+    memory: int = 32
+    """M: patches kept per image and trained on with gradients. Images with fewer candidates are padded with
+    masked patches."""
+    chunk: int = 256
+    """I: candidates read and scored at a time (no gradients); memory holds at most M + I patches."""
+    explore: float = 0.0
+    """Share of M filled with random candidates while training (0 = pure top-M); evaluation never explores."""
+    heads: int = 8
+    """Attention heads of the cross-attention aggregator (1 makes chunked selection exactly the global top-M)."""
+    positions: bool = True
+    """Add a position encoding of each patch's box to the aggregator's keys and values."""
+    tissue_mask: bool = False
+    """Candidates only where an Otsu tissue mask of a low-resolution level is set (slides: skips glass)."""
+
+
+@dataclass
 class Config:
+    task: Literal["segment", "classify"] = "segment"
+    """segment: per-pixel labels (ViT encoder + UNETR decoder). classify: one class per image from the
+    manifest's `target` column, by iterative patch selection (`ips` section) and a cross-attention head."""
     data: DataConfig = field(default_factory=DataConfig)
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -176,6 +213,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    ips: IPSConfig = field(default_factory=IPSConfig)
 
 
 # ---------------------------------------------------------------- building from dicts
@@ -293,6 +331,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+def _validate_ips(ips: IPSConfig, p: int, need) -> None:
+    need(ips.patch >= p and ips.patch % p == 0,
+         f"ips.patch: {ips.patch} must be a multiple of patching.patch_size ({p})")
+    need(ips.stride is None or ips.stride >= 1, f"ips.stride: {ips.stride} must be >= 1")
+    need(ips.memory >= 1, f"ips.memory: {ips.memory} must be >= 1")
+    need(ips.chunk >= 1, f"ips.chunk: {ips.chunk} must be >= 1 (candidates scored at a time)")
+    need(0.0 <= ips.explore < 1.0, f"ips.explore: {ips.explore} must lie in [0, 1)")
+    need(ips.heads >= 1, f"ips.heads: {ips.heads} must be >= 1")
+
+
 def validate(cfg: Config) -> None:
     """Reject values and combinations that cannot work, naming the key."""
     def need(ok: bool, msg: str) -> None:
@@ -305,6 +353,12 @@ def validate(cfg: Config) -> None:
     need(w is None or (w >= p and w % p == 0),
          f"data.window: {w} must be a multiple of patching.patch_size ({p})")
     _validate_adaptive(cfg.patching, need)
+    if cfg.task == "classify":
+        _validate_ips(cfg.ips, p, need)
+        need(cfg.parallel.sp_size == 1, f"parallel.sp_size: {cfg.parallel.sp_size}; task: classify trains on "
+             "ips.memory patches per image, which need no sequence parallelism (use 1)")
+        need(cfg.data.layout == "manifest", f"data.layout: {cfg.data.layout!r}; task: classify reads image-level "
+             "targets from a manifest ('manifest')")
     need(cfg.data.num_classes >= 2, f"data.num_classes: {cfg.data.num_classes} must be >= 2")
     names = cfg.data.class_names
     need(names is None or len(names) == cfg.data.num_classes,
@@ -322,6 +376,8 @@ def validate(cfg: Config) -> None:
     need(t.lr > 0, f"train.lr: {t.lr} must be > 0")
     need(t.warmup_steps >= 0, f"train.warmup_steps: {t.warmup_steps} must be >= 0")
     need(t.ckpt_every >= 0, "train.ckpt_every: must be >= 0")
+    need(t.keep_last >= 0, f"train.keep_last: {t.keep_last} must be >= 0")
+    need(t.max_bad_steps >= 1, f"train.max_bad_steps: {t.max_bad_steps} must be >= 1")
     need(t.dice_weight >= 0 and t.ce_weight >= 0 and t.dice_weight + t.ce_weight > 0,
          "train.dice_weight/train.ce_weight: must be >= 0 and not both 0")
     need(cfg.parallel.sp_size >= 1, f"parallel.sp_size: {cfg.parallel.sp_size} must be >= 1")

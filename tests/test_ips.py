@@ -1,8 +1,12 @@
 """Iterative patch selection: exact top-M with one head, bounded memory, masked padding, the MIL head."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from conftest import hrvit
 
 from hrvit.errors import ConfigError, DataError
 from hrvit.models.mil import build_ips_model
@@ -120,3 +124,111 @@ def test_mil_head_errors_name_the_value():
         build_ips_model("nano", patch_size=8, in_chans=3, ips_patch=16, num_classes=[2], heads=5)
     with pytest.raises(ConfigError, match="ips.patch: 20 must be a multiple"):
         build_ips_model("nano", patch_size=8, in_chans=3, ips_patch=20, num_classes=[2])
+
+
+# ---------------------------------------------------------------- task: classify, end to end
+
+IPS_RECIPE = "launch/recipes/ips_quickstart.yaml"
+IPS_TINY = ["model.embed_dim=32", "model.num_heads=2", "ips.memory=8", "ips.chunk=16", "ips.heads=2",
+            "train.micro_batch=2", "train.warmup_steps=2", "train.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def canvases(tmp_path_factory):
+    """Twelve 256^2 megapixel canvases (64 candidates of 32^2 each) as pyramidal TIFFs, with a manifest."""
+    from hrvit.data.synthetic import make_megapixel
+
+    return make_megapixel(tmp_path_factory.mktemp("canvases"), n=12, size=256, seed=1)
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_rank_zero2_classifier_trains_and_loss_falls(canvases, tmp_path):
+    run = tmp_path / "run"
+    hrvit("train", IPS_RECIPE, *IPS_TINY, f"data.manifest={canvases}", f"output.dir={run}", "train.steps=24",
+          "train.lr=3e-3", ranks=2)
+    losses = [r["loss"] for r in _rows(run) if "loss" in r]
+    assert len(losses) == 24 and np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), losses
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["eval_cases"] == 3
+    assert 0 <= summary["accuracy"] <= 1 and 0 <= summary["balanced_accuracy"] <= 1
+    assert summary["tokens_per_s"] > 0 and (run / "prediction.png").stat().st_size > 0
+    for selection, name in (("top", "eval.json"), ("random", "eval_random_selection.json")):
+        out = hrvit("eval", run, "--selection", selection)
+        result = json.loads((run / name).read_text())
+        assert result["selection"] == selection and result["cases"] == 3 and 0 <= result["accuracy"] <= 1, out.stdout
+    assert json.loads((run / "eval.json").read_text())["accuracy"] == summary["accuracy"]
+
+
+def test_zero3_matches_zero2_and_more_memory_than_candidates_is_masked(canvases, tmp_path):
+    """ips.memory=80 > 64 candidates: padded, masked patches; ZeRO-3 (selection by a gathered copy of the
+    model) follows the ZeRO-2 run step for step."""
+    losses = {}
+    for stage in (2, 3):
+        run = tmp_path / f"zero{stage}"
+        hrvit("train", IPS_RECIPE, *IPS_TINY, f"data.manifest={canvases}", f"output.dir={run}", "train.steps=4",
+              "ips.memory=80", "ips.explore=0.25", f"deepspeed.config=ds_configs/zero{stage}.json")
+        losses[stage] = [r["loss"] for r in _rows(run) if "loss" in r]
+    assert np.allclose(losses[2], losses[3], rtol=0, atol=1e-5), losses
+
+
+def test_classify_bad_input_is_one_clear_error(canvases, tmp_path):
+    bad = tmp_path / "manifest.csv"
+    rows = canvases.read_text().splitlines()
+    bad.write_text("\n".join([rows[0], rows[1].replace(",0,", ",7,"), *rows[2:]]) + "\n")
+    for path in canvases.parent.glob("*.tiff"):
+        shutil.copy(path, tmp_path / path.name)
+    out = hrvit("train", IPS_RECIPE, *IPS_TINY, f"data.manifest={bad}", f"output.dir={tmp_path / 'r1'}",
+                check=False)
+    assert out.returncode == 2 and "canvas_000" in out.stderr and "target 7" in out.stderr, out.stderr
+    assert not (tmp_path / "r1").exists()
+    out = hrvit("train", IPS_RECIPE, f"data.manifest={canvases}", "ips.chunk=0", check=False)
+    assert out.returncode == 2 and "ips.chunk: 0 must be >= 1" in out.stderr, out.stderr
+    out = hrvit("train", IPS_RECIPE, f"data.manifest={canvases}", "ips.patch=24", check=False)
+    assert out.returncode == 2 and "ips.patch: 24 must be a multiple of patching.patch_size (16)" in out.stderr
+
+
+def test_blank_slide_has_no_tissue_candidates(tmp_path):
+    from hrvit.data.tiff import write_pyramid_from_array
+    from hrvit.engine.classify import candidates
+
+    blank = write_pyramid_from_array(tmp_path / "glass.tiff", np.full((256, 256, 3), 240, np.uint8))
+    with pytest.raises(DataError, match="glass.tiff: no candidate patch: the tissue mask"):
+        candidates((str(blank),), 32, None, True)
+    assert len(candidates((str(blank),), 32, None, False)[1]) == 64
+
+
+def test_images_of_mixed_sizes_share_a_batch(tmp_path):
+    """Every image gives M patches of the same size, whatever its own size; each keeps its shape."""
+    from hrvit.config import load_config
+    from hrvit.data.datasets import CaseSpec
+    from hrvit.data.synthetic import make_megapixel
+    from hrvit.engine.classify import build_classifier, select
+
+    small = make_megapixel(tmp_path / "a", n=1, size=128, seed=2).parent / "canvas_000.tiff"
+    large = make_megapixel(tmp_path / "b", n=1, size=384, seed=3).parent / "canvas_000.tiff"
+    cfg = load_config(IPS_RECIPE, ["data.manifest=x.csv", *IPS_TINY])
+    model = build_classifier(cfg, 3)
+    specs = [CaseSpec(id=p.parent.name, image=[p], label=None, split="train", target=1) for p in (small, large)]
+    batch = select(cfg, model, specs, explore=0.0, device=torch.device("cpu"))
+    assert batch["pixels"].shape == (2, 8, 3, 32, 32)
+    assert batch["image_shape"].tolist() == [[128, 128], [384, 384]]
+    assert batch["valid"].all()
+    logits = model(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"])[0]
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+
+
+def test_megapixel_label_is_the_shape_of_the_red_targets_only():
+    from hrvit.data.synthetic import MegapixelCanvas
+
+    def draw(label, seed=4):
+        return MegapixelCanvas(256, seed, label=label).image(0, 0, 0, 256, 256).astype(int)
+
+    a, b = draw(0), draw(3)
+    assert np.array_equal(a, draw(0))  # deterministic by seed
+    red = (a[..., 0] - a[..., 1] > 100) | (b[..., 0] - b[..., 1] > 100)
+    assert 0 < red.mean() < 0.02  # a few small targets
+    assert np.array_equal(a[~red], b[~red])  # the label changes the targets and nothing else
+    assert not np.array_equal(a[red], b[red])  # disk vs ring

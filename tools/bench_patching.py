@@ -22,8 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# tools/profile.py would shadow the standard library's profile module, which torch imports (cProfile)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))

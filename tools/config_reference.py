@@ -27,7 +27,11 @@ def field_docs(cls) -> dict[str, str]:
 
 def reference() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
+    top = field_docs(config.Config)
     for section in dataclasses.fields(config.Config):
+        if section.default is not dataclasses.MISSING:  # a top-level key, not a section
+            rows.append(f"| `{section.name}` | `{section.default!r}` | {top.get(section.name, '')} |")
+            continue
         cls = section.default_factory
         docs = field_docs(cls)
         for f in dataclasses.fields(cls):

@@ -26,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+# tools/profile.py would shadow the standard library's profile module, which torch imports (cProfile)
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
 

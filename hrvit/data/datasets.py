@@ -4,7 +4,9 @@ Layouts:
 - "manifest": CSV (columns image, label, split; optional id; optional target = image-level class
   for task classify) or JSON (a list of {"image", "label",
   "split", "id"}); image may hold several paths separated by ';' (or a JSON list), one per channel.
-  Paths are relative to the manifest's folder. Rows without a split get one from assign_splits.
+  Paths are relative to the manifest's folder and must stay inside it (no '..' or absolute path
+  leading out) unless allow_outside_root: a manifest from elsewhere cannot make a run read any file.
+  Rows without a split get one from assign_splits.
 - "paip": a folder of <case>.(svs|tif|tiff) slides with <case>_mask.tif(f) whole-tumour masks
   (PAIP-2019 style; <case>_whole.tif is accepted too). Splits from assign_splits.
 - "brats": <root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz (BraTS-2021); channels in that order.
@@ -92,7 +94,16 @@ def _read_manifest(manifest: Path) -> list[dict]:
         raise DataError(f"{manifest}: cannot parse manifest ({e})") from None
 
 
-def _from_manifest(manifest: Path, val_fraction: float, seed: int) -> list[CaseSpec]:
+def _inside(base: Path, relative: str, manifest: Path, n: int, allow_outside: bool) -> Path:
+    """`relative` resolved against the manifest's folder; DataError if it leads outside that folder."""
+    path = base / relative
+    if not allow_outside and not path.resolve().is_relative_to(base.resolve()):
+        raise DataError(f"{manifest}: case {n} path {relative!r} resolves outside the dataset root {base.resolve()}; "
+                        "move the file under it or set data.allow_outside_root=true")
+    return path
+
+
+def _from_manifest(manifest: Path, val_fraction: float, seed: int, allow_outside: bool = False) -> list[CaseSpec]:
     base = manifest.parent
     specs, unsplit = [], []
     for n, row in enumerate(_read_manifest(manifest), start=1):
@@ -104,12 +115,13 @@ def _from_manifest(manifest: Path, val_fraction: float, seed: int) -> list[CaseS
         split = str(row.get("split") or "").strip().lower()
         if split and split not in SPLITS:
             raise DataError(f"{manifest}: case {n} has split {split!r}; expected one of {', '.join(SPLITS)}")
-        images = [base / p for p in parts]
+        images = [_inside(base, p, manifest, n, allow_outside) for p in parts]
         case_id = str(row.get("id") or "").strip() or _stem(images[0])
         target = str(row.get("target") if row.get("target") is not None else "").strip()
         if target and not target.lstrip("-").isdigit():
             raise DataError(f"{manifest}: case {n} has target {target!r}; expected an integer class")
-        specs.append(CaseSpec(case_id, images, base / label if label else None, split,
+        specs.append(CaseSpec(case_id, images, _inside(base, label, manifest, n, allow_outside) if label else None,
+                              split,
                               target=int(target) if target else None))
         if not split:
             unsplit.append(case_id)
@@ -163,8 +175,11 @@ def discover(
     manifest: Path | None = None,
     val_fraction: float = 0.2,
     seed: int = 0,
+    allow_outside_root: bool = False,
+    require_files: bool = True,
 ) -> list[CaseSpec]:
-    """List the cases of a dataset; every listed file exists (else DataError naming up to 10 of them)."""
+    """List the cases of a dataset; every listed file exists (else DataError naming up to 10 of them)
+    unless require_files is False (check-data reports missing files per case instead)."""
     if layout not in LAYOUTS:
         raise ConfigError(f"data.layout: unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     if layout == "manifest":
@@ -174,7 +189,7 @@ def discover(
             found = [Path(root) / f for f in ("manifest.csv", "manifest.json") if (Path(root) / f).is_file()]
             manifest = found[0] if found else Path(root) / "manifest.csv"
         where = Path(manifest)
-        specs = _from_manifest(where, val_fraction, seed)
+        specs = _from_manifest(where, val_fraction, seed, allow_outside_root)
     else:
         if root is None:
             raise ConfigError(f"data.root: the {layout} layout needs a root folder")
@@ -189,7 +204,8 @@ def discover(
             "brats": "<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz folders",
         }[layout]
         raise DataError(f"{where}: no cases found (layout {layout!r} expects {expected})")
-    _missing(specs, where)
+    if require_files:
+        _missing(specs, where)
     return specs
 
 
@@ -212,6 +228,16 @@ def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[in
         if affine is not None and not np.allclose(getattr(label, "affine", affine), affine, atol=1e-3):
             raise DataError(f"{spec.label}: label affine does not match the affine of {spec.image[0]}")
     return Case(spec, image, label)
+
+
+def check_target(spec: CaseSpec, num_classes: int) -> None:
+    """An image-level class (task: classify) must be given and lie in [0, num_classes)."""
+    if spec.target is None:
+        raise DataError(f"{spec.image[0]}: case {spec.id} has no target; task: classify needs a 'target' column "
+                        "in the manifest")
+    if not 0 <= spec.target < num_classes:
+        raise DataError(f"{spec.image[0]}: case {spec.id} has target {spec.target}, outside the "
+                        f"data.num_classes={num_classes} classes (0..{num_classes - 1})")
 
 
 def check_labels(case: Case, num_classes: int) -> None:

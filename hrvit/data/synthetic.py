@@ -394,16 +394,17 @@ def make_volumes(out: Path, n: int, shape=(64, 64, 64), seed: int = 0) -> Path:
 
 # --- megapixel recognition (IPS) ---------------------------------------------------------------
 
-MEGAPIXEL_CLASSES = ("red", "green", "blue", "yellow")
-"""The label of a megapixel canvas is the colour of its few target objects; everything else is grey."""
+MEGAPIXEL_CLASSES = ("disk", "square", "cross", "ring")
+"""The label of a megapixel canvas is the shape of its few red target objects; the many grey distractors
+take every shape, so finding the red objects (one feature for every class) comes before telling them apart."""
 
-_TARGET_INK = np.array([[200, 40, 40], [40, 160, 60], [40, 60, 200], [220, 190, 30]], np.float64)
-_SHAPES = 4  # disk, square, cross, ring
+_TARGET_INK = np.array([200, 40, 40], np.float64)
+_SHAPES = len(MEGAPIXEL_CLASSES)
 
 
 class MegapixelCanvas:
-    """A large light canvas with grey distractor shapes and `targets` coloured objects whose colour
-    is the label (in the spirit of Megapixel MNIST: the answer sits in a few small places). Objects
+    """A large light canvas with grey distractor shapes and `targets` red objects whose shape is the
+    label (in the spirit of Megapixel MNIST: the answer sits in a few small places). Objects
     sit one per grid cell of `cell` pixels, so a grid of `cell`-sized candidate patches holds each
     whole; any tile of any level is computed on its own, like SyntheticSlide."""
 
@@ -421,7 +422,8 @@ class MegapixelCanvas:
         self.radius = np.append(rng.uniform(0.25, 0.38, n_cells) * cell, 1.0)
         self.offset = np.vstack([rng.uniform(-0.08, 0.08, (n_cells, 2)) * cell, [[0, 0]]])
         self.ink = np.repeat(rng.uniform(90, 150, (n_cells + 1, 1)), 3, axis=1)
-        self.ink[order[:targets]] = _TARGET_INK[label]
+        self.kind[order[:targets]] = label
+        self.ink[order[:targets]] = _TARGET_INK
         self.grid = g
 
     def image(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:

@@ -21,6 +21,8 @@ from hrvit.patching import PatchSequence, patch_adaptive, patch_pyramid, patch_u
 
 MAX_LABEL_SCAN = 64 * 1024 * 1024
 """Labels up to this many pixels are scanned once to centre windows on foreground."""
+MAX_SUBSTITUTES = 10
+"""With skip_bad, how many substitutes of one unreadable sample are tried before the run stops."""
 
 
 def window_shape(image_shape, window: int | None, patch_size: int) -> tuple[int, ...]:
@@ -81,8 +83,9 @@ class TrainWindows(torch.utils.data.Dataset):
     """Training sample k -> a random window of a random training case, deterministic in (seed, k)."""
 
     def __init__(self, specs: list[CaseSpec], *, window: int | None, patching: PatchingConfig, seed: int,
-                 foreground_bias: float, augment: bool, label_map: dict | None = None):
+                 foreground_bias: float, augment: bool, label_map: dict | None = None, skip_bad: bool = False):
         self.specs = specs
+        self.skip_bad = skip_bad
         self.window = window
         self.patching = patching
         self.seed = seed
@@ -114,9 +117,36 @@ class TrainWindows(torch.utils.data.Dataset):
             self._foreground[i] = points
         return self._foreground[i]
 
+    def case_of(self, k: int) -> CaseSpec:
+        """The case training sample `k` reads (before any substitution), for error messages."""
+        return self.specs[int(np.random.default_rng([self.seed, int(k)]).integers(len(self.specs)))]
+
     def __getitem__(self, k: int) -> PatchSequence:
-        rng = np.random.default_rng([self.seed, int(k)])
-        i = int(rng.integers(len(self.specs)))
+        """Sample `k`; an unreadable one (DataError/OSError) stops the run naming it, or with skip_bad is
+        replaced by a substitute drawn from (seed, k, attempt) (still deterministic) and listed in
+        meta['skipped']. Other exceptions are bugs: re-raised with the sample named."""
+        skipped = []
+        for attempt in range(MAX_SUBSTITUTES + 1):
+            rng = np.random.default_rng([self.seed, int(k)] + ([attempt] if attempt else []))
+            i = int(rng.integers(len(self.specs)))
+            spec = self.specs[i]
+            try:
+                seq = self._sample(i, rng)
+            except (DataError, OSError) as err:
+                what = f"training sample {k} (case {spec.id}, {spec.image[0]})"
+                if not self.skip_bad:
+                    raise DataError(f"{what}: {err}; set data.skip_bad_samples=true to skip such samples") from err
+                skipped.append({"sample": int(k), "case": spec.id, "path": str(spec.image[0]), "error": str(err)})
+                continue
+            except Exception as err:
+                err.add_note(f"hrvit: while reading training sample {k} (case {spec.id}, {spec.image[0]})")
+                raise
+            seq.meta["skipped"] = skipped
+            return seq
+        raise DataError(f"training sample {k}: {MAX_SUBSTITUTES} substitutes in a row were unreadable too "
+                        f"(last: {skipped[-1]['path']}: {skipped[-1]['error']}); run hrvit check-data")
+
+    def _sample(self, i: int, rng: np.random.Generator) -> PatchSequence:
         case = self._case(i)
         shape = case.image.shape
         win = window_shape(shape, self.window, self.patching.patch_size)
@@ -163,8 +193,11 @@ class StepSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.grad_accum
 
+    def indices(self, step: int, micro: int) -> list[int]:
+        base = ((step * self.grad_accum + micro) * self.dp_size + self.dp_rank) * self.micro_batch
+        return list(range(base, base + self.micro_batch))
+
     def __iter__(self):
         for step in range(self.start_step, self.steps):
             for micro in range(self.grad_accum):
-                base = ((step * self.grad_accum + micro) * self.dp_size + self.dp_rank) * self.micro_batch
-                yield list(range(base, base + self.micro_batch))
+                yield self.indices(step, micro)

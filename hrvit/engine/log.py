@@ -51,8 +51,13 @@ class RunLog:
                 print(f"step {row['step']}  {status}  lr {row['lr']:.2e}", flush=True)
         if "eval" in row:
             ev = row["eval"]
-            self.info(f"eval at step {row['step']}: mean Dice {ev.get('dice_mean')}  "
-                      f"per class {ev.get('dice_per_class')}")
+            if "accuracy" in ev:
+                auc = f"  AUC {ev['auc']}" if ev.get("auc") is not None else ""
+                self.info(f"eval at step {row['step']}: accuracy {ev.get('accuracy')}  balanced accuracy "
+                          f"{ev.get('balanced_accuracy')}{auc}")
+            else:
+                self.info(f"eval at step {row['step']}: mean Dice {ev.get('dice_mean')}  "
+                          f"per class {ev.get('dice_per_class')}")
 
     def advance(self, step: int) -> None:
         if self._progress is not None:

@@ -41,3 +41,25 @@ def summarize(per_case: dict[str, np.ndarray], class_names: list[str]) -> dict:
         "dice_per_case": {case: {name: clean(v) for name, v in zip(class_names, dice_from_counts(c))}
                           for case, c in per_case.items()},
     }
+
+
+def binary_auc(positive_score: np.ndarray, truth: np.ndarray) -> float | None:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count half); None without both classes."""
+    pos, neg = positive_score[truth == 1], positive_score[truth == 0]
+    if not len(pos) or not len(neg):
+        return None
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (len(pos) * len(neg)))
+
+
+def classification_summary(probs: np.ndarray, truth: np.ndarray, class_names: list[str]) -> dict:
+    """Accuracy, balanced accuracy (mean recall over the classes present) and, for two classes, AUC."""
+    pred = probs.argmax(1)
+    recalls = {name: float((pred[truth == k] == k).mean()) for k, name in enumerate(class_names) if (truth == k).any()}
+    return {
+        "accuracy": round(float((pred == truth).mean()), 6) if len(truth) else None,
+        "balanced_accuracy": round(float(np.mean(list(recalls.values()))), 6) if recalls else None,
+        "auc": (round(a, 6) if (a := binary_auc(probs[:, 1], truth)) is not None else None)
+        if len(class_names) == 2 else None,
+        "recall_per_class": {name: round(v, 6) for name, v in recalls.items()},
+    }

@@ -7,9 +7,20 @@ never see each other here, which is what lets IPS score them in independent chun
 `CrossAttentionMIL` aggregates a set of patch embeddings with one learned query per task
 (multi-head cross-attention, then an MLP per task). Its attention weights, averaged over heads and
 tasks, are the patch scores IPS ranks by. Padding patches (valid=False) get no attention.
+
+The head normalises embeddings with `PatchNorm` (batch statistics over real patches), not a
+per-vector LayerNorm: patches of one slide share most of their embedding (background, the same
+intra-patch token positions), and what tells a lesion from glass is a few per cent of each vector.
+LayerNorm keeps that common part, so attention starts uniform and the signal of 3 target patches
+among 256 is diluted 85-fold: on synthetic megapixel canvases the loss stayed at ln 4 for 150 steps
+even with every patch given. Removing the mean over patches makes the target patches stand out at
+once (loss 0.002 after 120 steps, same data). In eval mode (IPS scoring) the running statistics
+are used, so a patch's score does not depend on the chunk it is scored with.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +53,42 @@ class PatchEmbedder(nn.Module):
         return hidden.mean(1)
 
 
+class PatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the real patches of a batch ([B, M, dim]; padding patches take no part).
+
+    Training normalises with the statistics of this process's real patches; the running statistics
+    (used in eval mode, i.e. for scoring) are updated from the sums of all processes when `reduce`
+    (an all-reduce SUM over the data-parallel ranks, set by the engine) is given, so every rank scores
+    alike and a checkpoint evaluates as the run did."""
+
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        if not self.training:
+            return self._normalise(x, self.running_mean, self.running_var)
+        real = x[valid].float()
+        with torch.no_grad():  # [sum, sum of squares, count], added over the ranks
+            sums = torch.cat([real.sum(0), (real * real).sum(0), real.new_tensor([len(real)])])
+            if self.reduce is not None:
+                sums = self.reduce(sums)
+            dim = x.shape[-1]
+            n = sums[-1]
+            if n >= 2:
+                mean = sums[:dim] / n
+                var = (sums[dim:2 * dim] - n * mean * mean).clamp(min=0) / (n - 1)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var, self.momentum)
+                self.num_batches_tracked += 1
+        if len(real) < 2:  # one patch has no batch statistics of its own
+            return self._normalise(x, self.running_mean, self.running_var)
+        out = torch.zeros_like(x)
+        out[valid] = self._normalise(real, real.mean(0), real.var(0, unbiased=False)).to(x.dtype)
+        return out
+
+    def _normalise(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
 class CrossAttentionMIL(nn.Module):
     """One learned query per task attends over the patch embeddings; an MLP per task classifies."""
 
@@ -54,7 +101,7 @@ class CrossAttentionMIL(nn.Module):
             raise ConfigError(f"classification tasks need >= 2 classes each, got {num_classes}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.queries = nn.Parameter(torch.randn(len(num_classes), dim) * 0.02)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = PatchNorm(dim)
         self.pos = BoxEmbed(2, 1, dim) if positions else None
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
         hidden = int(dim * mlp_ratio)
@@ -65,7 +112,7 @@ class CrossAttentionMIL(nn.Module):
     def attention(self, emb: Tensor, boxes: Tensor, image_shape: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
         """Attention weights [B, heads, tasks, M] and values [B, heads, M, head_dim]."""
         b, m, d = emb.shape
-        x = self.norm(emb)
+        x = self.norm(emb, valid)
         if self.pos is not None:
             x = x + self.pos(boxes, image_shape)
         k = self.k(x).view(b, m, self.num_heads, self.head_dim).transpose(1, 2)

@@ -85,8 +85,8 @@ def build_tree(extent, root: int, min_leaf: int, p: int, detail, tokens: int | N
     detail(start, size) -> [0, 1]; a node's mass is its detail x its in-image area in base patches
     (p^D), so a large node with a little detail in it outranks a small plain one (with the edge
     score, mass adds up: a child never outweighs its parent). Budget mode (threshold None): at most
-    `tokens` leaves, as many as the image allows. Threshold mode: split while mass > threshold (the same order, stopped there), at most
-    `tokens` leaves.
+    `tokens` leaves, as many as the image allows. Threshold mode: split while mass > threshold (the same
+    order, stopped there), at most `tokens` leaves.
     """
     extent = tuple(int(e) for e in extent)
     ndim = len(extent)
