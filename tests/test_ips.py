@@ -232,3 +232,19 @@ def test_megapixel_label_is_the_shape_of_the_red_targets_only():
     assert 0 < red.mean() < 0.02  # a few small targets
     assert np.array_equal(a[~red], b[~red])  # the label changes the targets and nothing else
     assert not np.array_equal(a[red], b[red])  # disk vs ring
+
+
+def test_classification_metrics():
+    from hrvit.engine.metrics import binary_auc, classification_summary
+
+    truth = np.array([0, 0, 1, 1, 1])
+    positive = np.array([0.1, 0.6, 0.4, 0.7, 0.9])  # one of the six (pos, neg) pairs is out of order
+    assert binary_auc(positive, truth) == pytest.approx(5 / 6)
+    assert binary_auc(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5  # ties count half
+    assert binary_auc(positive, np.ones(5, int)) is None
+    probs = np.stack([1 - positive, positive], 1)
+    out = classification_summary(probs, truth, ["normal", "tumour"])
+    assert out["accuracy"] == pytest.approx(0.6) and out["auc"] == pytest.approx(5 / 6)
+    assert out["recall_per_class"] == {"normal": 0.5, "tumour": pytest.approx(2 / 3)}
+    assert out["balanced_accuracy"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert classification_summary(np.eye(3)[[0, 1, 2]], np.array([0, 1, 1]), ["a", "b", "c"])["auc"] is None
