@@ -1,7 +1,7 @@
 """The classification task (`task: classify`): one class per image by iterative patch selection.
 
 The training loop (hrvit/engine/trainer.py) is shared with segmentation; this module supplies
-what differs. The loader hands out case indices and targets only: selection needs the model of
+what differs. The loader hands out cases and targets only: selection needs the model of
 the current step, so it runs in the training process. For every image of a micro-batch the
 candidates (a grid over the image, or over its tissue) are read from the source `ips.chunk` at a
 time and scored with no gradients in eval mode (hrvit/patching/ips.py); only the best `ips.memory`
@@ -37,8 +37,8 @@ TISSUE_THUMBNAIL = 1024
 def build_classifier(cfg: Config, channels: int) -> IPSClassifier:
     m = cfg.model
     model = build_ips_model(m.preset, patch_size=cfg.patching.patch_size, in_chans=channels, ips_patch=cfg.ips.patch,
-                           num_classes=[cfg.data.num_classes], heads=cfg.ips.heads, positions=cfg.ips.positions,
-                           embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path=m.drop_path)
+                            num_classes=[cfg.data.num_classes], heads=cfg.ips.heads, positions=cfg.ips.positions,
+                            embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads, drop_path=m.drop_path)
     if dist.is_initialized() and dist.get_world_size() > 1:
         for norm in model.modules():
             if isinstance(norm, PatchNorm):

@@ -48,7 +48,7 @@ from hrvit.models import build_model
 from hrvit.parallel.dist import init_distributed, release_shm_buffers
 from hrvit.parallel.shard import SequenceParallelForward, shard_batch, sum_over_group
 from hrvit.parallel.topology import SequenceParallel, check_parallel, grad_sum_factor
-from hrvit.patching import collate
+from hrvit.patching import collate, to_device
 
 CHECKPOINTS = "checkpoints"
 SKIPPED = "skipped_samples.jsonl"
@@ -280,7 +280,7 @@ def evaluate(cfg: Config, model, specs: list[CaseSpec], run: Path | None, step: 
     for i, spec in enumerate(cases):
         case = open_case(spec, num_classes=cfg.data.num_classes)
         pred = predict_case(forward, case, window=cfg.data.window, patching=cfg.patching,
-                            batch=cfg.eval.batch)
+                            batch=cfg.eval.batch, device=getattr(model, "device", None))
         truth = read_truth(case)
         per_case[spec.id] = dice_counts(pred, truth, cfg.data.num_classes)
         if i == 0 and run is not None and cfg.output.picture and dist.get_rank() == 0:
@@ -304,6 +304,7 @@ def batch_loss(cfg: Config, engine, batch: dict, topo: SequenceParallel | None) 
     """The loss of one micro-batch (segmentation under SP: of the whole sequence, on every rank of the group)."""
     if cfg.task == "classify":
         return classify.batch_loss(cfg, engine, batch)
+    batch = to_device(batch, engine.device)
     if topo is not None:
         batch = shard_batch(batch, topo.size, topo.sp_rank)
     logits = engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"], batch.get("key_valid"))

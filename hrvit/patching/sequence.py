@@ -65,3 +65,8 @@ def collate(samples: list[PatchSequence]) -> dict:
     if all(s.target is not None for s in samples):
         batch["target"] = torch.stack([pad(s.target, IGNORE_INDEX) for s in samples])
     return batch
+
+
+def to_device(batch: dict, device) -> dict:
+    """The collated batch with every tensor on `device` (a no-op on CPU); other fields as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
