@@ -113,6 +113,10 @@ def cmd_train(args) -> int:
             raise
         raise HrvitError(f"another rank died or stopped answering for parallel.timeout_s={cfg.parallel.timeout_s} s; "
                          f"this rank stops too ({str(err).strip().splitlines()[-1][:300]})") from None
+    finally:  # preempted or failed runs too: every rank mapped the buffers at start-up
+        from hrvit.parallel.dist import release_shm_buffers
+
+        release_shm_buffers()
     return 0
 
 

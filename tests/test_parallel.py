@@ -18,6 +18,7 @@ import torch
 from conftest import PY, REPO, TINY, free_port, hrvit
 
 from hrvit.errors import ConfigError
+from hrvit.parallel.dist import release_shm_buffers
 from hrvit.parallel.env import discover, first_host, slurm_port
 from hrvit.parallel.shard import shard_batch
 from hrvit.parallel.topology import check_parallel
@@ -46,9 +47,14 @@ def probe(out: Path, *overrides, ranks: int = 1, recipe: str = RECIPE) -> dict:
     if ranks == 1:
         cmd = [PY, *script]
     else:
-        cmd = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", str(ranks),
-               "--master_port", str(free_port()), *script]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+        port = free_port()
+        cmd = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(port),
+               *script]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
+    finally:
+        if ranks > 1:
+            release_shm_buffers(port)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     run = out / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -32,12 +32,26 @@ def _losses(run):
     return {r["step"]: r["loss"] for r in _rows(run) if "loss" in r}
 
 
+PORTS = []
+"""Master ports of the multi-rank runs started here: runs killed with -9 cannot remove their /dev/shm buffers."""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_shm():
+    yield
+    from hrvit.parallel.dist import release_shm_buffers
+
+    for port in PORTS:
+        release_shm_buffers(port)
+
+
 def _start(*args, ranks=1, env=None):
     """Popen of the real command (as conftest.hrvit runs it), for tests that signal or kill it."""
     if ranks == 1:
         cmd = [PY, "-m", "hrvit", *map(str, args)]
     else:
-        cmd = [str(REPO / ".venv/bin/deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(free_port()),
+        PORTS.append(free_port())
+        cmd = [str(REPO / ".venv/bin/deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(PORTS[-1]),
                "--module", "hrvit", *map(str, args)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -112,6 +112,9 @@ def launch(args, sp: int) -> dict:
     procs = [subprocess.Popen(argv, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
                               stdout=subprocess.PIPE, text=True) for r in range(sp)]
     outs = [p.communicate()[0] for p in procs]
+    from hrvit.parallel.dist import release_shm_buffers
+
+    release_shm_buffers(port)
     if any(p.returncode for p in procs):
         raise SystemExit(f"SP={sp}: a worker failed (exit codes {[p.returncode for p in procs]})")
     line = next(line for line in outs[0].splitlines() if line.startswith("RESULT "))

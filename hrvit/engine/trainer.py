@@ -45,7 +45,7 @@ from hrvit.engine.metrics import dice_counts, summarize
 from hrvit.engine.picture import read_for_picture, write_picture
 from hrvit.errors import ConfigError, DataError, HrvitError
 from hrvit.models import build_model
-from hrvit.parallel.dist import init_distributed, release_shm_buffers
+from hrvit.parallel.dist import init_distributed
 from hrvit.parallel.shard import SequenceParallelForward, shard_batch, sum_over_group
 from hrvit.parallel.topology import SequenceParallel, check_parallel, grad_sum_factor
 from hrvit.patching import collate, to_device
@@ -503,7 +503,6 @@ def train(cfg: Config) -> dict | None:
         log.info(f"hrvit: {score} over {summary['eval_cases']} held-out case(s); "
                  f"summary in {run / 'summary.json'}, picture in {run / 'prediction.png'}")
     dist.barrier()
-    release_shm_buffers()  # every rank has mapped them long ago
     return summary if rank == 0 else None
 
 
