@@ -313,12 +313,7 @@ def make_slides(
         write_pyramid(out / f"{case}_mask.tiff", slide.shape, slide.label, channels=1, tile=tile, mpp=0.5)
         if progress:
             progress(i + 1, n)
-    manifest = out / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label", "split"])
-        w.writerows([f"{c}.tiff", f"{c}_mask.tiff", splits[c]] for c in ids)
-    return manifest
+    return _write_manifest(out, ["image", "label", "split"], [[f"{c}.tiff", f"{c}_mask.tiff", splits[c]] for c in ids])
 
 
 # --- volumes -------------------------------------------------------------------------------------
@@ -463,9 +458,12 @@ def make_megapixel(out: Path, n: int, size: int = 1024, seed: int = 0, cell: int
         write_pyramid(out / f"{case}.tiff", canvas.shape, canvas.image, channels=3, tile=256)
         if progress:
             progress(i + 1, n)
+    rows = [[f"{c}.tiff", i % len(MEGAPIXEL_CLASSES), splits[c]] for i, c in enumerate(ids)]
+    return _write_manifest(out, ["image", "target", "split"], rows)
+
+
+def _write_manifest(out: Path, header: list[str], rows: list[list]) -> Path:
     manifest = out / "manifest.csv"
     with open(manifest, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "target", "split"])
-        w.writerows([f"{c}.tiff", i % len(MEGAPIXEL_CLASSES), splits[c]] for i, c in enumerate(ids))
+        csv.writer(f).writerows([header, *rows])
     return manifest
