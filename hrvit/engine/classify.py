@@ -25,13 +25,11 @@ from hrvit.config import Config
 from hrvit.data.datasets import CaseSpec, check_min_size, check_target, open_case
 from hrvit.data.sources import open_image
 from hrvit.engine.metrics import classification_summary
+from hrvit.engine.picture import read_for_picture
 from hrvit.errors import DataError
 from hrvit.models.mil import IPSClassifier, PatchNorm, build_ips_model, classification_loss
 from hrvit.patching.ips import grid_boxes, read_patches, select_patches
 from hrvit.patching.scores import tissue_mask
-
-TISSUE_THUMBNAIL = 1024
-"""Side of the low-resolution image the tissue mask is computed on."""
 
 
 def build_classifier(cfg: Config, channels: int) -> IPSClassifier:
@@ -101,8 +99,8 @@ def candidates(image: tuple[str, ...], patch: int, stride: int | None, tissue: b
 
 
 def _tissue(source) -> np.ndarray:
-    thumb = source.thumbnail(TISSUE_THUMBNAIL) if hasattr(source, "thumbnail") else source.read((0, 0), source.shape)
-    return tissue_mask(torch.from_numpy(np.ascontiguousarray(thumb))).numpy()
+    """Tissue mask at a low resolution (grid_boxes maps any resolution onto the image)."""
+    return tissue_mask(torch.from_numpy(np.ascontiguousarray(read_for_picture(source)))).numpy()
 
 
 def select(cfg: Config, model: IPSClassifier, specs: list[CaseSpec], *, explore: float, device) -> dict:
@@ -213,7 +211,7 @@ def write_picture(path: Path, spec: CaseSpec, cfg: Config, boxes: list, probs: l
     from PIL import Image, ImageDraw
 
     source, _ = candidates(tuple(map(str, spec.image)), cfg.ips.patch, cfg.ips.stride, cfg.ips.tissue_mask)
-    thumb = source.thumbnail(768) if hasattr(source, "thumbnail") else source.read((0, 0), source.shape)
+    thumb = read_for_picture(source)
     rgb = np.clip(np.moveaxis(thumb[:3] if thumb.shape[0] >= 3 else np.repeat(thumb[:1], 3, 0), 0, -1), 0, 1)
     img = Image.fromarray((rgb * 255).astype(np.uint8))
     f = img.width / source.shape[1]
