@@ -141,29 +141,28 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from hrvit.engine.trainer import check_cases, evaluate, find_cases, load_weights
-    from hrvit.parallel.dist import init_distributed
+    from hrvit.engine.session import start
+    from hrvit.engine.trainer import load_weights
 
-    cfg = _run_config(args.run, args.overrides)
+    # evaluation needs no sequence parallelism: every rank runs whole windows, the cases shared among the ranks
+    cfg = _run_config(args.run, [*args.overrides, "parallel.sp_size=1"])
     if args.selection == "random" and cfg.task != "classify":
         raise HrvitError("--selection random: only for task: classify runs (iterative patch selection)")
-    init_distributed(cfg.parallel.timeout_s)
-    specs = find_cases(cfg)
-    ndim, channels = check_cases(cfg, specs)
-    model = load_weights(args.run, cfg, ndim, channels)
-    if cfg.task == "classify":
-        from hrvit.engine.classify import evaluate as evaluate_classifier
-        from hrvit.engine.trainer import class_names
+    try:
+        session = start(cfg)
+        specs = session.check_data()
+        model = load_weights(args.run, cfg, session.ndim, session.channels, session.device)
+        extra = {} if args.selection == "top" else {"selection": args.selection}
+        result = session.task.evaluate(session, model, specs, None, -1, **extra)
+    finally:
+        from hrvit.parallel.dist import release_shm_buffers
 
-        result = evaluate_classifier(cfg, model, specs, None, class_names(cfg), selection=args.selection)
-        score = (f"accuracy {result['accuracy']}, balanced accuracy {result.get('balanced_accuracy')} "
-                 f"({args.selection} selection of {cfg.ips.memory} patches)")
-    else:
-        result = evaluate(cfg, model, specs, None, step=-1)
-        score = f"mean Dice {result['dice_mean']}; per class {result.get('dice_per_class')}"
+        release_shm_buffers()
     out = args.run / ("eval.json" if args.selection == "top" else "eval_random_selection.json")
-    out.write_text(json.dumps(result, indent=2))
-    print(f"{score} over {result['cases']} case(s) of split '{cfg.eval.split}'; written to {out}")
+    if session.rank == 0:
+        out.write_text(json.dumps(result, indent=2))
+        print(f"{session.task.score(result)} over {result['cases']} case(s) of split '{cfg.eval.split}' "
+              f"on {session.world} rank(s); written to {out}")
     return 0
 
 

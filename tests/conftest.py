@@ -25,8 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def hrvit(*args, ranks: int = 1, timeout: int = 400, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real `hrvit` command: one process, or `ranks` processes under the deepspeed launcher."""
+def hrvit(*args, ranks: int = 1, timeout: int = 400, check: bool = True,
+          env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `hrvit` command: one process, or `ranks` processes under the deepspeed launcher; `env`
+    adds to (or overrides) the test environment."""
     if ranks == 1:
         cmd = [PY, "-m", "hrvit", *map(str, args)]
     else:
@@ -34,7 +36,7 @@ def hrvit(*args, ranks: int = 1, timeout: int = 400, check: bool = True) -> subp
         port = free_port()
         cmd = [str(launcher), "--num_accelerators", str(ranks), "--master_port", str(port),
                "--module", "hrvit", *map(str, args)]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     finally:

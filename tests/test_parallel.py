@@ -1,16 +1,14 @@
-"""Sequence parallelism (Ulysses) with ZeRO, proven equal to one process; launcher environments.
+"""Sequence parallelism (Ulysses) with ZeRO, proven equal to one process.
 
 The end-to-end tests run the real training (tests/sp_probe.py wraps `hrvit train` and saves each
-rank's parameters) under the deepspeed launcher, srun-like Slurm variables and mpirun, on CPU/gloo.
+rank's parameters) under the deepspeed launcher, on CPU/gloo; launchers are in tests/test_launch.py.
 Uniform windows of 56 px at p = 8 give 49 tokens and the adaptive budget is 47 tokens (real leaves
 then masked padding): odd counts, so SP = 2 always pads the sequence too.
 """
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,6 @@ from conftest import PY, REPO, TINY, free_port, hrvit
 
 from hrvit.errors import ConfigError
 from hrvit.parallel.dist import release_shm_buffers
-from hrvit.parallel.env import discover, first_host, slurm_port
 from hrvit.parallel.shard import shard_batch
 from hrvit.parallel.topology import check_parallel
 
@@ -63,14 +60,14 @@ def probe(out: Path, *overrides, ranks: int = 1, recipe: str = RECIPE) -> dict:
             "params": [torch.load(out / f"params_rank{r}.pt") for r in range(ranks)]}
 
 
-def assert_same_training(ref: dict, got: dict, tol: float = 1e-5) -> None:
+def assert_same_training(ref: dict, got: dict, tol: float = 1e-5, param_tol: float | None = None) -> None:
     assert sorted(got["losses"]) == sorted(ref["losses"]) == [1, 2, 3, 4, 5]
     for step, loss in ref["losses"].items():
         assert abs(got["losses"][step] - loss) <= tol, (step, ref["losses"], got["losses"])
     first = ref["params"][0]
     for name, value in got["params"][0].items():
         diff = (value - first[name]).abs().max().item()
-        assert diff <= tol, f"{name} differs by {diff}"
+        assert diff <= (tol if param_tol is None else param_tol), f"{name} differs by {diff}"
     assert got["params"][0].keys() == first.keys()
 
 
@@ -147,6 +144,19 @@ def test_3d_sp2_training_matches_one_process(volumes, tmp_path):
     assert_same_training(ref, got)
     assert_ranks_identical(got)
     assert_same_eval(ref, got)
+
+
+@pytest.mark.slow
+def test_bf16_training_stays_close_to_fp32(references, slides, tmp_path):
+    """bf16 through the DeepSpeed config (DeepSpeed's CPU accelerator trains in it) against the fp32 run of the
+    same 5 steps: losses within 5e-3 (measured: 8e-4), parameters within 1e-2 (bf16 rounds a weight of size 1
+    to about 4e-3; measured: 3.9e-3), full-resolution Dice within 0.02."""
+    ref = references(2, "uniform")
+    got = probe(tmp_path, *SMALL, f"data.manifest={slides}", "deepspeed.config=ds_configs/zero2.json",
+                "deepspeed.overrides.bf16.enabled=true")
+    assert got["summary"]["precision"] == "bf16" and ref["summary"]["precision"] == "fp32"
+    assert_same_training(ref, got, tol=5e-3, param_tol=1e-2)
+    assert abs(got["summary"]["dice_mean"] - ref["summary"]["dice_mean"]) <= 0.02
 
 
 # ---------------------------------------------------------------- model level: attention, loss, drop-path
@@ -271,124 +281,3 @@ def test_zero3_without_reduce_scatter_is_refused_under_sp():
     with pytest.raises(ConfigError, match="reduce_scatter=false"):
         grad_sum_factor({"zero_optimization": {"stage": 3, "reduce_scatter": False}}, 2)
 
-
-# ---------------------------------------------------------------- launcher environments
-
-
-@pytest.mark.parametrize("nodelist, host", [
-    ("node07", "node07"), ("node[01-04]", "node01"), ("node[03,05-06],gpu1", "node03"),
-    ("gpu1,node[1-2]", "gpu1"), ("frontier[00123-00125]", "frontier00123"), ("rack[2-3]-n[10-11]", "rack2-n10"),
-])
-def test_first_host_of_a_slurm_nodelist(nodelist, host):
-    assert first_host(nodelist) == host
-
-
-def test_discover_maps_each_launcher():
-    slurm = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[07-08]",
-             "SLURM_JOB_ID": "1234"}
-    assert discover(slurm) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
-                               "MASTER_PORT": slurm_port("1234")}
-    assert discover({**slurm, "MASTER_PORT": "4000", "MASTER_ADDR": "10.0.0.1"})["MASTER_ADDR"] == "10.0.0.1"
-    launcher = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
-    assert discover(launcher) == launcher
-    assert discover({})["WORLD_SIZE"] == "1"
-    assert discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})["WORLD_SIZE"] == "1"  # one task: no rendezvous
-
-
-@pytest.mark.parametrize("env, message", [
-    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "MASTER_ADDR is not set"),
-    ({"WORLD_SIZE": "2"}, "RANK is not set although WORLD_SIZE is"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}, "SLURM_JOB_NODELIST is not set"),
-    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a"}, "SLURM_JOB_ID is not set"),
-    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "MASTER_ADDR is not set: started by MPI"),
-])
-def test_missing_rendezvous_variables_are_named(monkeypatch, env, message):
-    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as if mpi4py were not installed
-    with pytest.raises(ConfigError, match=message):
-        discover(env)
-
-
-def test_unreachable_master_is_an_error_not_a_hang(slides, tmp_path):
-    env = {**ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([PY, "-m", "hrvit", "train", RECIPE, *TINY, f"data.manifest={slides}",
-                           f"output.dir={tmp_path / 'run'}", "parallel.timeout_s=3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "could not join the process group at MASTER_ADDR=127.0.0.1" in proc.stderr
-    assert "parallel.timeout_s=3" in proc.stderr and "Traceback" not in proc.stderr
-
-
-FAKE_SRUN = """#!/usr/bin/env bash
-# test stand-in for srun: SLURM_NTASKS copies of the command, each given only SLURM_PROCID/SLURM_LOCALID
-while [[ $# -gt 0 && $1 == -* ]]; do shift; done
-pids=()
-for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done
-rc=0
-for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-exit $rc
-"""
-
-
-@pytest.mark.slow
-def test_slurm_sbatch_tasks_with_only_slurm_variables_train_as_one_sp_group(slides, tmp_path):
-    """launch/slurm.sbatch as Slurm runs it, with a stand-in srun that gives each task only what srun
-    does (SLURM_PROCID/LOCALID/NTASKS, the node list, the job id; no RANK/WORLD_SIZE/MASTER_*): the two
-    tasks train as one SP = 2 group, and `hrvit eval` of the checkpoint they wrote (one process)
-    reproduces the full-resolution Dice the SP group computed."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text(FAKE_SRUN)
-    (fake / "srun").chmod(0o755)
-    job = next(j for j in range(os.getpid(), os.getpid() + 20000) if _port_free(int(slurm_port(str(j)))))
-    env = {**ENV, "PATH": f"{fake}{os.pathsep}{ENV['PATH']}", "SLURM_JOB_ID": str(job), "SLURM_NTASKS": "2",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_SUBMIT_DIR": str(REPO)}
-    run = tmp_path / "run"
-    proc = subprocess.run(["bash", "launch/slurm.sbatch", RECIPE, *TINY, f"data.manifest={slides}",
-                           f"output.dir={run}", "train.steps=2", "eval.max_cases=1", "output.picture=false",
-                           "parallel.sp_size=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["sp_size"] == 2 and summary["steps"] == 2
-    hrvit("eval", run)
-    assert json.loads((run / "eval.json").read_text())["dice_mean"] == pytest.approx(summary["dice_mean"], abs=1e-4)
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _mpirun() -> str | None:
-    path = shutil.which("mpirun", path=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        return None
-    return path
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(_mpirun() is None, reason="mpirun or mpi4py not installed (pip install -e '.[mpi]')")
-def test_mpirun_ranks_are_discovered_through_mpi4py(slides, tmp_path):
-    run = tmp_path / "run"
-    cmd = [_mpirun(), "--allow-run-as-root", "-np", "2", PY, "-m", "hrvit", "train", RECIPE, *TINY,
-           f"data.manifest={slides}", f"output.dir={run}", "train.steps=2", "eval.max_cases=0",
-           "output.picture=false", "parallel.sp_size=2"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["sp_size"] == 2
-
-
-@pytest.mark.parametrize("script", ["launch/local.sh", "launch/slurm.sbatch", "launch/frontier.sbatch"])
-def test_launch_scripts_parse_and_explain_their_usage(script):
-    assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0
-    proc = subprocess.run(["bash", script], cwd=REPO, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 2 and "usage:" in proc.stderr

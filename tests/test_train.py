@@ -59,9 +59,15 @@ def test_resume_continues_the_same_loss_curve(trained, tmp_path):
 
 
 def test_eval_and_predict_slide(trained, slides, tmp_path):
+    """`hrvit eval` in one process reproduces the Dice that training's evaluation, split over its 2 data-parallel
+    ranks, computed from the same final weights."""
     proc = hrvit("eval", trained)
     assert "mean Dice" in proc.stdout
-    assert json.loads((trained / "eval.json").read_text())["cases"] >= 1
+    result = json.loads((trained / "eval.json").read_text())
+    summary = json.loads((trained / "summary.json").read_text())
+    assert result["cases"] >= 1 and result["dice_per_class"].keys() == summary["dice_per_class"].keys()
+    for name, value in summary["dice_per_class"].items():
+        assert result["dice_per_class"][name] == pytest.approx(value, abs=1e-6), name
     image = next(p for p in sorted(slides.parent.glob("*.tiff")) if not p.name.endswith("_mask.tiff"))
     hrvit("predict", trained, "--input", image, "--out", tmp_path)
     written = sorted(p.name for p in tmp_path.iterdir())
@@ -70,6 +76,49 @@ def test_eval_and_predict_slide(trained, slides, tmp_path):
     assert pred.shape == openslide_shape(image)
     values = pred.read((0, 0), pred.shape)
     assert set(np.unique(values).tolist()) <= {0, 1, 2}
+
+
+def test_dp2_evaluation_equals_one_process(trained):
+    """Evaluation shares its cases among the data-parallel ranks (2 each of the 4 training slides here) and
+    adds their Dice counts: the per-case and mean Dice equal a one-process evaluation's."""
+    hrvit("eval", trained, "eval.split=train")
+    one = json.loads((trained / "eval.json").read_text())
+    proc = hrvit("eval", trained, "eval.split=train", ranks=2)
+    two = json.loads((trained / "eval.json").read_text())
+    assert "on 2 rank(s)" in proc.stdout
+    assert one["cases"] == two["cases"] == 4
+    assert two["dice_per_case"].keys() == one["dice_per_case"].keys()
+    for case, per_class in one["dice_per_case"].items():
+        for name, value in per_class.items():
+            assert two["dice_per_case"][case][name] == pytest.approx(value, abs=1e-6), (case, name)
+    assert two["dice_mean"] == pytest.approx(one["dice_mean"], abs=1e-6)
+
+
+def test_fp16_loss_scale_overflows_are_not_bad_steps(slides, tmp_path):
+    """An initial loss scale of 2^32 overflows every early fp16 step: DeepSpeed skips them while it backs the
+    scale off, which is normal, so they are counted as overflow_steps and never stop the run, even with
+    train.max_bad_steps=2 (the CPU accelerator trains fp16 where mkldnn supports it)."""
+    run = tmp_path / "run"
+    hrvit("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", "train.steps=3",
+          "train.max_bad_steps=2", "eval.max_cases=0", "output.picture=false", "deepspeed.overrides.fp16.enabled=true",
+          "deepspeed.overrides.fp16.initial_scale_power=32")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["precision"] == "fp16" and summary["overflow_steps"] == 3 and summary["bad_steps"] == 0
+
+
+@pytest.mark.parametrize("ds, message", [
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "choose one precision"),
+    ({"fp16": {"enabled": True, "loss_scale": 1}}, "fp16.loss_scale=1 trains fp16 without loss scaling"),
+])
+def test_precisions_that_cannot_train_are_refused(ds, message):
+    """Checked by hrvit.engine.session.start before anything is built (a ConfigError: exit status 2)."""
+    from hrvit.engine.session import check_precision
+    from hrvit.errors import ConfigError
+
+    check_precision({"bf16": {"enabled": True}})
+    check_precision({"fp16": {"enabled": True, "loss_scale": 0}})
+    with pytest.raises(ConfigError, match=message):
+        check_precision(ds)
 
 
 def test_volume_training_and_prediction_keep_the_affine(volumes, tmp_path):
@@ -98,11 +147,15 @@ def openslide_shape(path):
     ("data.num_classes=2 data.class_names=null", "outside [0, 2)"),
     ("data.window=256 patching.patch_size=256", "is smaller than the patch size (256, 256)"),
     ("train.lrr=1", "did you mean 'train.lr'"),
+    ("DS_ACCELERATOR=cuda", "backend NCCL needs GPUs, but torch sees none"),
 ])
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(slides, tmp_path, override, message):
     run = tmp_path / "run"
     overrides = override.format(missing=tmp_path / "missing.csv").split()
-    proc = hrvit("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", *overrides, check=False)
+    env = dict(o.split("=", 1) for o in overrides if o.split("=")[0].isupper())  # an environment variable
+    overrides = [o for o in overrides if o.split("=")[0] not in env]
+    proc = hrvit("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", *overrides, check=False,
+                 env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not run.exists()

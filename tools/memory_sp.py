@@ -3,9 +3,11 @@
     python tools/memory_sp.py                        # 16,384 tokens, SP = 1, 2, 4, nano preset
     python tools/memory_sp.py --tokens 65536 --sp 1 2 4 8 --preset base --checkpoint
 
-Each SP size runs as its own group of processes (gloo on CPU, NCCL on GPUs): the model with
-Ulysses attention, one window of `--tokens` uniform tokens sharded over the group, one
-forward + backward of the Dice + CE loss. Activation memory = peak during the step minus what
+Each SP size runs as its own group of processes (gloo on CPU, NCCL on GPUs; `--backend gloo` lets
+the ranks share one GPU): hrvit's own set-up and training step (hrvit/engine/session.py, as
+`hrvit train` runs them): the DeepSpeed engine of the recipe launch/recipes/quickstart.yaml with
+Ulysses attention, one window of `--tokens` uniform tokens that each rank shards before copying
+its slice to the device, one forward + backward of the Dice + CE loss. Activation memory = peak during the step minus what
 the process held just before it (parameters, gradients, inputs): process RSS on CPU (VmHWM,
 reset through /proc/self/clear_refs), torch.cuda.max_memory_allocated on GPU. A warm-up step
 runs first so gradients and kernels are allocated before the measured one.
@@ -34,69 +36,62 @@ MIB = 2**20
 
 
 def worker(args) -> None:
+    """One rank: hrvit's own set-up (tools and `hrvit train` share it) and its training step on one window."""
     import torch
-    import torch.distributed as dist
 
-    from hrvit.engine.losses import loss_from_sums, segmentation_sums
+    from hrvit.config import load_config
     from hrvit.engine.memory import PeakMemory
-    from hrvit.models import build_model
-    from hrvit.parallel.attention import ulysses_core
-    from hrvit.parallel.dist import init_distributed
-    from hrvit.parallel.shard import shard_batch, sum_over_group
-    from hrvit.parallel.topology import SequenceParallel
+    from hrvit.engine.session import start
+    from hrvit.parallel import comm
 
-    rank, world = init_distributed(600)
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    world = int(os.environ["WORLD_SIZE"])
+    precision = {"fp32": [], "bf16": ["deepspeed.overrides.bf16.enabled=true"],
+                 "fp16": ["deepspeed.overrides.fp16.enabled=true"]}[args.precision]
+    cfg = load_config(REPO / "launch/recipes/quickstart.yaml", [
+        f"model.preset={args.preset}", f"patching.patch_size={args.patch}", "patching.mode=uniform",
+        f"parallel.sp_size={world}", f"model.checkpoint_activations={str(args.checkpoint).lower()}",
+        "train.micro_batch=1", "parallel.timeout_s=600", *precision])
+    session = start(cfg)
+    gpu = session.device.type == "cuda"
     if not gpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    sp = SequenceParallel(world) if world > 1 else None
     torch.manual_seed(0)
-    model = build_model(args.preset, ndim=2, patch_size=args.patch, in_chans=3, num_classes=3,
-                        checkpoint_activations=args.checkpoint).to(device)
-    if sp is not None:
-        model.encoder.set_attention_core(ulysses_core(sp.group))
-    side = math.isqrt(args.tokens)
-    p, length = args.patch, side * side
-    ys, xs = torch.meshgrid(torch.arange(side) * p, torch.arange(side) * p, indexing="ij")
-    batch = {
+    engine, _ = session.engine_for(session.parallelize(session.task.build_model(2, 3)))
+    rows, cols = grid(args.tokens)
+    p, length = args.patch, rows * cols
+    ys, xs = torch.meshgrid(torch.arange(rows) * p, torch.arange(cols) * p, indexing="ij")
+    batch = {  # the whole window on the CPU, as the loader gives it; the step shards it and copies this rank's part
         "pixels": torch.rand(1, length, 3, p, p),
         "boxes": torch.cat([ys.reshape(1, -1, 1), xs.reshape(1, -1, 1), torch.full((1, length, 2), p)], -1),
         "valid": torch.ones(1, length, dtype=torch.bool),
         "target": torch.randint(0, 3, (1, length, p, p)),
+        "image_shape": torch.tensor([[rows * p, cols * p]]),
     }
-    if sp is not None:
-        batch = shard_batch(batch, sp.size, sp.sp_rank)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    shape = torch.tensor([[side * p, side * p]], device=device)
-
-    def step():
-        logits = model(batch["pixels"], batch["boxes"], batch["valid"], shape, batch.get("key_valid"))
-        sums = segmentation_sums(logits.flatten(0, 1), batch["target"].flatten(0, 1))
-        if sp is not None:
-            sums = sum_over_group(sums, sp.group)
-        loss_from_sums(sums).backward()
-
-    step()  # warm-up: gradients, kernels, communication buffers
-    for q in model.parameters():
-        q.grad.zero_()
-    dist.barrier()
+    session.backward(session.loss(batch))  # warm-up: gradients, optimizer state, kernels, buffers
+    engine.step()
+    comm.barrier()
     memory = PeakMemory(gpu)
     held = memory.reset()
     tick = time.perf_counter()
-    step()
+    session.backward(session.loss(batch))  # the measured forward + backward
     if gpu:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - tick
     peak = memory.peak()
-    rows = [None] * world
-    dist.all_gather_object(rows, {"held": held, "peak": peak, "seconds": seconds})
-    if rank == 0:
+    rows = comm.all_gather_object({"held": held, "peak": peak, "seconds": seconds})
+    if session.rank == 0:
         worst = max(rows, key=lambda r: r["peak"] - r["held"])
         print("RESULT " + json.dumps({"sp": world, "tokens": length, "tokens_per_rank": math.ceil(length / world),
-                                      "device": "gpu" if gpu else "cpu", **worst}), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+                                      "device": "gpu" if gpu else "cpu", "precision": args.precision,
+                                      "backend": str(torch.distributed.get_backend()), **worst}), flush=True)
+    comm.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def grid(tokens: int) -> tuple[int, int]:
+    """The most nearly square rows x cols window of exactly `tokens` tokens (32768 -> 128 x 256)."""
+    rows = next(r for r in range(math.isqrt(tokens), 0, -1) if tokens % r == 0)
+    return rows, tokens // rows
 
 
 def launch(args, sp: int) -> dict:
@@ -107,8 +102,10 @@ def launch(args, sp: int) -> dict:
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(sp),
             "PYTHONPATH": str(REPO), "MALLOC_MMAP_THRESHOLD_": "131072"}  # big tensors freed to the OS at once
     base.setdefault("DS_ACCELERATOR", "cpu" if not _has_gpu() else base.get("DS_ACCELERATOR", "cuda"))
+    if args.backend == "gloo":
+        base["HRVIT_DIST_BACKEND"] = "gloo"  # several ranks may then share one GPU (NCCL refuses that)
     argv = [sys.executable, __file__, "--worker", "--tokens", str(args.tokens), "--preset", args.preset,
-            "--patch", str(args.patch)] + (["--checkpoint"] if args.checkpoint else [])
+            "--patch", str(args.patch), "--precision", args.precision] + (["--checkpoint"] if args.checkpoint else [])
     procs = [subprocess.Popen(argv, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
                               stdout=subprocess.PIPE, text=True) for r in range(sp)]
     outs = [p.communicate()[0] for p in procs]
@@ -129,21 +126,30 @@ def _has_gpu() -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=16384, help="sequence length (a square number; default 16384)")
+    ap.add_argument("--tokens", type=int, default=16384, help="sequence length (default 16384), laid out as the most nearly square window")
     ap.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="SP sizes to measure (default 1 2 4)")
     ap.add_argument("--preset", default="nano", help="model preset (default nano)")
     ap.add_argument("--patch", type=int, default=16, help="patch size p (default 16)")
     ap.add_argument("--checkpoint", action="store_true", help="activation checkpointing on")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="training precision")
+    ap.add_argument("--backend", choices=["default", "gloo"], default="default",
+                    help="process-group backend: the accelerator's (NCCL on GPUs, gloo on CPU), or gloo, which lets "
+                         "the ranks of an SP size share one GPU, so per-rank memory can be measured on one GPU")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     ap.add_argument("--budget-gib", type=float, default=64.0, help="memory budget per rank for the last column")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
         return
-    if math.isqrt(args.tokens) ** 2 != args.tokens:
-        raise SystemExit(f"--tokens {args.tokens}: use a square number (a square window of tokens)")
+    if args.tokens < 1:
+        ap.error(f"--tokens {args.tokens}: must be >= 1")
     command = "python tools/memory_sp.py " + " ".join(sys.argv[1:])
     results = [launch(args, sp) for sp in args.sp]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "preset": args.preset, "patch": args.patch,
+                                         "checkpointing": args.checkpoint, "rows": results}, indent=2))
     base = next((r for r in results if r["sp"] == 1), results[0])
     base_act = base["peak"] - base["held"]
     budget = args.budget_gib * 2**30

@@ -202,49 +202,34 @@ def matmul_tflops(dtype, n: int | None = None, repeat: int = 4) -> float:
 
 
 def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
-    """Build the engine for `cfg`, run warm-up then measured steps; returns this rank's raw figures."""
-    import deepspeed
+    """Build the engine for `cfg` (hrvit's own set-up), run warm-up then measured steps of hrvit's own
+    training step, timing its parts; returns this rank's raw figures."""
     import torch
-    import torch.distributed as dist
     from deepspeed.comm import comm as ds_comm
 
-    from hrvit.data.windows import StepSampler, TrainWindows
+    from hrvit.data.windows import StepSampler
     from hrvit.engine.flops import train_step_flops
-    from hrvit.engine.losses import loss_from_sums, segmentation_sums
     from hrvit.engine.memory import PeakMemory
-    from hrvit.engine.trainer import build, check_cases, find_cases
-    from hrvit.parallel.shard import shard_batch, sum_over_group
-    from hrvit.parallel.topology import SequenceParallel, check_parallel, grad_sum_factor
+    from hrvit.engine.session import precision as precision_of
+    from hrvit.engine.session import start
+    from hrvit.parallel import comm
     from hrvit.patching import collate
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    sp = cfg.parallel.sp_size
-    check_parallel(sp, world)
-    topo = SequenceParallel(sp) if sp > 1 else None
-    dp_size, dp_rank = world // sp, rank // sp
-    specs = find_cases(cfg)
-    ndim, channels = check_cases(cfg, specs)
-    ds_config = deepspeed_config(cfg, dp_size)
-    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else (
-        "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
-    dist.barrier()  # every rank benchmarks at once, as they will compute
+    if cfg.task != "segment":
+        raise ConfigError(f"task: {cfg.task!r}; tools/profile.py measures segmentation training (task: segment)")
+    session = start(cfg)
+    session.check_data()
+    precision = precision_of(session.ds_config)
+    comm.barrier()  # every rank benchmarks at once, as they will compute
     peak_tflops, peak_source = device_peak_tflops(precision)
     torch.manual_seed(cfg.train.seed)
-    model = build(cfg, ndim, channels)
-    if topo is not None:
-        from hrvit.parallel.attention import ulysses_core
-
-        check_parallel(sp, world, model.encoder.num_heads)
-        model.encoder.set_attention_core(ulysses_core(topo.group))
+    model = session.build_model()
     net = model.encoder if encoder_only else model
-    grad_factor = grad_sum_factor(ds_config, sp)
-    engine, *_ = deepspeed.initialize(model=net, model_parameters=[p for p in net.parameters() if p.requires_grad],
-                                      config=ds_config, mpu=topo)
+    engine, _ = session.engine_for(net)
     t = cfg.train
-    dataset = TrainWindows([s for s in specs if s.split == "train"], window=cfg.data.window, patching=cfg.patching,
-                           seed=t.seed, foreground_bias=cfg.data.foreground_bias, augment=cfg.data.augment)
+    dataset = session.task.make_dataset(session.specs)
     sampler = StepSampler(start_step=0, steps=warmup + steps, grad_accum=t.grad_accum, micro_batch=t.micro_batch,
-                          dp_rank=dp_rank, dp_size=dp_size)
+                          dp_rank=session.dp_rank, dp_size=session.dp_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0)
     memory = PeakMemory()
@@ -252,14 +237,14 @@ def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
     records, held = [], 0
     for step in range(warmup + steps):
         if step == warmup:
-            dist.barrier()
+            comm.barrier()
             held = memory.reset()
             ds_comm.comms_logger.comms_dict.clear()
             ds_comm.configure(enabled=True, prof_all=True, verbose=False)
         rec = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
         rec.update(samples=0, tokens=0, flops=0, seq_len=0, side=0)
         _sync()
-        start = time.perf_counter()
+        start_time = time.perf_counter()
         for _ in range(t.grad_accum):
             tick = time.perf_counter()
             batch = next(batches)
@@ -268,32 +253,21 @@ def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
             rec["seq_len"] = batch["valid"].shape[1]
             rec["side"] = max(int(s) for s in batch["image_shape"][0])
             rec["flops"] += train_step_flops(net, batch["valid"].shape[1], len(batch["meta"]))
-            if topo is not None:
-                batch = shard_batch(batch, sp, topo.sp_rank)
             _sync()
             tock = time.perf_counter()
             rec["data"] += tock - tick
-            out = engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"],
-                         batch.get("key_valid"))
-            if encoder_only:
-                loss = out[-1].float().square().mean()
-            else:
-                valid = batch["valid"]
-                sums = segmentation_sums(out[valid], batch["target"][valid])
-                if topo is not None:
-                    sums = sum_over_group(sums, topo.group)
-                loss = loss_from_sums(sums, t.dice_weight, t.ce_weight)
+            loss = encoder_loss(session, batch) if encoder_only else session.loss(batch)  # shard, copy, forward
             _sync()
             tick = time.perf_counter()
             rec["forward"] += tick - tock
-            engine.backward(loss * grad_factor if grad_factor != 1 else loss)
+            session.backward(loss)
             _sync()
             tock = time.perf_counter()
             rec["backward"] += tock - tick
             engine.step()
             _sync()
             rec["optimizer"] += time.perf_counter() - tock
-        rec["total"] = time.perf_counter() - start
+        rec["total"] = time.perf_counter() - start_time
         if step >= warmup:
             records.append(rec)
     ds_comm.configure(enabled=False)
@@ -302,10 +276,20 @@ def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
     return {
         "records": records, "peak": memory.peak(), "held": held, "comm_s": comm_ms / 1e3,
         "peak_tflops": peak_tflops, "peak_source": peak_source, "precision": precision,
-        "zero_stage": zero_stage(ds_config), "dp_size": dp_size, "sp_rank": rank % sp,
+        "zero_stage": zero_stage(session.ds_config), "dp_size": session.dp_size, "sp_rank": session.sp_rank,
         "params_m": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in net.parameters()) / 1e6,
         "model": {"embed_dim": encoder.embed_dim, "depth": encoder.depth, "num_heads": encoder.num_heads},
     }
+
+
+def encoder_loss(session, batch: dict):
+    """--encoder-only: a stand-in loss on the encoder's last hidden state (the decoder is not built), through the
+    same sharding and device copy as the training step."""
+    from hrvit.engine.segment import local_batch
+
+    batch = local_batch(session, batch)
+    out = session.engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"], batch.get("key_valid"))
+    return out[-1].float().square().mean()
 
 
 def summarize(cfg: Config, per_rank: list[dict], warmup: int, encoder_only: bool) -> dict:
@@ -397,16 +381,15 @@ def environment(world: int) -> dict:
 def run_in_process(recipe: str, overrides: list[str], points: list[tuple[int, dict]], args, sink) -> None:
     """Launcher mode (and each driver child): run `points` here, every rank in step; rank 0 hands rows to sink."""
     import torch
-    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from hrvit.parallel import comm
     from hrvit.parallel.dist import init_distributed
 
     rank, world = init_distributed(args.timeout)
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment(world)
-    device = get_accelerator().current_device_name()
     for index, point in points:
         base = {"index": index, "label": point_label(point), "axes": point, "overrides": overrides,
                 "warmup": args.warmup, "steps": args.steps, "world_size": world, "env": env}
@@ -434,13 +417,11 @@ def run_in_process(recipe: str, overrides: list[str], points: list[tuple[int, di
             watchdog.cancel()
         gc.collect()
         get_accelerator().empty_cache()
-        failed = torch.tensor([0 if status == "ok" else 1], device=device)
-        dist.all_reduce(failed)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (status, error) if failed.item() else raw)
+        failed = comm.reduce_values([0 if status == "ok" else 1])[0]
+        gathered = comm.all_gather_object((status, error) if failed else raw)
         if rank != 0:
             continue
-        if failed.item():
+        if failed:
             status, error = next(((s, e) for s, e in gathered if s != "ok"))
             bad = [r for r, (s, _) in enumerate(gathered) if s != "ok"]
             sink({**base, "status": status, "error": f"rank(s) {bad}: {error}"})
@@ -718,13 +699,12 @@ def sweep(args) -> None:
         raise ConfigError(f"--compare {args.compare}: needs AXIS=A,B with AXIS one of the sweep's axes "
                           f"({', '.join(axes) or 'none'})")
     launched = int(discover()["WORLD_SIZE"]) > 1
-    import torch.distributed as dist
-
     if launched:
         from hrvit.parallel.dist import init_distributed
 
-        init_distributed(args.timeout)
-    rank0 = not launched or dist.get_rank() == 0
+        rank0 = init_distributed(args.timeout)[0] == 0
+    else:
+        rank0 = True
     out = Path(args.out)
     console = Console(width=None if sys.stdout.isatty() else 200)
     if rank0:
@@ -732,7 +712,9 @@ def sweep(args) -> None:
         for size in sorted({p["resolution"] for p in points if "resolution" in p}, key=str):
             console.log(f"synthetic slides {size}^2: {synthetic_manifest(size)}")
     if launched:
-        dist.barrier()
+        from hrvit.parallel import comm
+
+        comm.barrier()
         if rank0:
             release_shm_buffers(os.environ["MASTER_PORT"])  # every rank has mapped them by now
     rows: list[dict] = []

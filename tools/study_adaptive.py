@@ -42,7 +42,7 @@ from hrvit.data.windows import TrainWindows  # noqa: E402
 from hrvit.engine.infer import predict_case, read_truth  # noqa: E402
 from hrvit.engine.losses import segmentation_loss  # noqa: E402
 from hrvit.engine.metrics import dice_counts, summarize  # noqa: E402
-from hrvit.engine.trainer import build, class_names, find_cases  # noqa: E402
+from hrvit.engine.session import class_names, find_cases, task_for  # noqa: E402
 from hrvit.patching import collate  # noqa: E402
 
 
@@ -53,7 +53,7 @@ def run(manifest: Path, mode: str, tokens: int, budget: float, seed: int) -> dic
     specs = find_cases(cfg)
     train = [s for s in specs if s.split == "train"]
     torch.manual_seed(seed)
-    model = build(cfg, 2, 3)
+    model = task_for(cfg).build_model(2, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     data = TrainWindows(train, window=None, patching=cfg.patching, seed=seed,
                         foreground_bias=cfg.data.foreground_bias, augment=True)

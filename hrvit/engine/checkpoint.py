@@ -27,6 +27,7 @@ from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY as U
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_VALUE as UC_VERSION_VALUE
 
 from hrvit.errors import ConfigError
+from hrvit.parallel import comm
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -55,12 +56,12 @@ def save(engine, folder: Path, step: int, meta: dict, keep_last: int) -> Path:
     if dist.get_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(folder / tmp_tag, ignore_errors=True)  # left by a killed save
-    dist.barrier()
+    comm.barrier()
     # the universal-checkpoint mark lets ds_to_universal convert it for another topology
     client = {"step": step, UC_INFO: {UC_VERSION: UC_VERSION_VALUE}}
     engine.save_checkpoint(str(folder), tag=tmp_tag, client_state=client, save_latest=False)
     _fault_hang(step)
-    dist.barrier()  # every rank's files are on disk
+    comm.barrier()  # every rank's files are on disk
     final = folder / tag
     if dist.get_rank() == 0:
         (folder / tmp_tag / COMPLETE).write_text(json.dumps({"step": step, **meta}, indent=2))
@@ -69,7 +70,7 @@ def save(engine, folder: Path, step: int, meta: dict, keep_last: int) -> Path:
         _write_atomic(folder / LATEST, tag)
         for old in complete_tags(folder)[:-keep_last] if keep_last else []:
             shutil.rmtree(folder / old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return final
 
 

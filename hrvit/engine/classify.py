@@ -1,6 +1,6 @@
 """The classification task (`task: classify`): one class per image by iterative patch selection.
 
-The training loop (hrvit/engine/trainer.py) is shared with segmentation; this module supplies
+The training loop (hrvit/engine/trainer.py) is shared with segmentation; `ClassifyTask` supplies
 what differs. The loader hands out cases and targets only: selection needs the model of
 the current step, so it runs in the training process. For every image of a micro-batch the
 candidates (a grid over the image, or over its tissue) are read from the source `ips.chunk` at a
@@ -28,6 +28,7 @@ from hrvit.engine.metrics import classification_summary
 from hrvit.engine.picture import read_for_picture
 from hrvit.errors import DataError
 from hrvit.models.mil import IPSClassifier, PatchNorm, build_ips_model, classification_loss
+from hrvit.parallel import comm
 from hrvit.patching.ips import grid_boxes, read_patches, select_patches
 from hrvit.patching.scores import tissue_mask
 
@@ -45,8 +46,7 @@ def build_classifier(cfg: Config, channels: int) -> IPSClassifier:
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(t)
-    return t
+    return comm.all_reduce(t)
 
 
 def check_case(cfg: Config, spec: CaseSpec):
@@ -131,28 +131,12 @@ def select(cfg: Config, model: IPSClassifier, specs: list[CaseSpec], *, explore:
             "image_shape": torch.tensor([s.image_shape for s in seqs], device=device)}
 
 
-_replicas: dict[int, IPSClassifier] = {}
-
-
 def selection_model(cfg: Config, engine) -> IPSClassifier:
-    """The model to score candidates with: the engine's module (or a plain model), or under ZeRO-3 a whole
-    local copy refreshed from the shards (one gather, the same on every rank; its forward passes need no
-    collectives)."""
-    module = getattr(engine, "module", engine)
-    if module is engine or engine.zero_optimization_stage() != 3:
-        return module
-    import deepspeed
+    """The model to score candidates with (session.whole_model: under ZeRO-3 a whole local copy, whose forward
+    passes need no collectives, as ranks score different numbers of chunks)."""
+    from hrvit.engine.session import whole_model
 
-    replica = _replicas.get(id(module))
-    if replica is None:
-        replica = _replicas[id(module)] = build_classifier(cfg, module.embedder.encoder.in_chans).to(engine.device)
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
-        for mine, full in zip(replica.parameters(), params):
-            mine.copy_(full)
-        for mine, full in zip(replica.buffers(), module.buffers()):
-            mine.copy_(full)
-    return replica
+    return whole_model(engine, lambda: build_classifier(cfg, getattr(engine, "module", engine).embedder.encoder.in_chans))
 
 
 def batch_loss(cfg: Config, engine, batch: dict) -> torch.Tensor:
@@ -183,9 +167,7 @@ def evaluate(cfg: Config, engine, specs: list[CaseSpec], run: Path | None, class
         keep = chosen["valid"][0]
         rows.append((spec.id, logits.float().softmax(-1)[0].tolist(), chosen["boxes"][0][keep].tolist()))
     model.train(was_training)
-    everyone = [None] * world
-    dist.all_gather_object(everyone, rows)
-    rows = [r for part in everyone for r in part]
+    rows = [r for part in comm.all_gather_object(rows) for r in part]
     by_id = {s.id: s for s in cases}
     rows.sort(key=lambda r: [s.id for s in cases].index(r[0]))
     if not rows:
@@ -223,3 +205,42 @@ def write_picture(path: Path, spec: CaseSpec, cfg: Config, boxes: list, probs: l
     draw.text((4, 2), f"{spec.id}: predicted {class_names[k]} ({probs[k]:.2f}), truth {class_names[spec.target]}; "
                       f"{len(boxes)} selected patches outlined", fill=(0, 0, 0))
     img.save(path)
+
+
+class ClassifyTask:
+    """`task: classify` for the shared training loop (hrvit/engine/trainer.py) and `hrvit eval`."""
+
+    name = "classify"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check_case(self, spec: CaseSpec):
+        return check_case(self.cfg, spec)
+
+    def build_model(self, ndim: int, channels: int) -> IPSClassifier:
+        return build_classifier(self.cfg, channels)
+
+    def make_dataset(self, specs: list[CaseSpec]) -> CaseOrder:
+        return make_dataset(self.cfg, specs)
+
+    @staticmethod
+    def tokens(batch: dict) -> int:
+        return batch["tokens"]
+
+    def loss(self, session, batch: dict) -> torch.Tensor:
+        return batch_loss(self.cfg, session.engine, batch)
+
+    def evaluate(self, session, model, specs: list[CaseSpec], run: Path | None, step: int,
+                 selection: str = "top") -> dict:
+        from hrvit.engine.session import class_names
+
+        return {**evaluate(self.cfg, model, specs, run, class_names(self.cfg), selection), "step": step}
+
+    def summary_fields(self, result: dict) -> dict:
+        return summary_fields(self.cfg, result)
+
+    def score(self, result: dict) -> str:
+        """One line for people, from an evaluation result or summary.json."""
+        return (f"accuracy {result['accuracy']}, balanced accuracy {result.get('balanced_accuracy')} "
+                f"({result.get('selection', 'top')} selection of {self.cfg.ips.memory} patches)")

@@ -31,7 +31,8 @@ def _stored_values(cfg: Config, pred: np.ndarray) -> np.ndarray:
 
 
 def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path) -> list[Path]:
-    """Predict each input (one path, or one per channel) and write prediction and overlay into `out`."""
+    """Predict each input (one path, or one per channel) and write prediction and overlay into `out`; the model
+    runs on the accelerator when there is one."""
     model = None
     written = []
     for paths in inputs:
@@ -44,7 +45,7 @@ def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path) -
                             f"{model.encoder.in_chans} channel(s)")
         case = Case(CaseSpec(_stem(paths[0]), list(paths), None, "test"), source, None)
         pred = predict_case(model, case, window=cfg.data.window, patching=cfg.patching,
-                            batch=cfg.eval.batch)
+                            batch=cfg.eval.batch, device=next(model.parameters()).device)
         out.mkdir(parents=True, exist_ok=True)
         name = _stem(paths[0])
         if isinstance(source, SlideSource):

@@ -14,7 +14,8 @@ Long runs (docs: README "Running for days"): checkpoints are atomic (hrvit/engin
 SIGTERM/SIGUSR1 make every rank finish its step, checkpoint and raise Preempted; SIGUSR2
 checkpoints and goes on; a step whose loss is not finite on any rank is skipped on all of them. The
 ranks agree on all three through one small all-reduce per step. Everything segmentation-specific
-lives in find_cases/check_cases, make_dataset, batch_loss, evaluate and summary_fields.
+lives in the task objects (hrvit/engine/segment.py, hrvit/engine/classify.py); the set-up and the
+loss of one micro-batch are hrvit/engine/session.py's, shared with tools/profile.py and tools/memory_sp.py.
 """
 
 from __future__ import annotations
@@ -32,23 +33,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from hrvit.config import REPO_ROOT, Config, deepspeed_config, to_yaml, zero_stage
-from hrvit.data.datasets import CaseSpec, check_labels, check_min_size, discover, open_case
+from hrvit.config import REPO_ROOT, Config, to_yaml, zero_stage
 from hrvit.data.windows import StepSampler, TrainWindows
-from hrvit.engine import checkpoint, classify
-from hrvit.engine.infer import predict_case, read_truth
+from hrvit.engine import checkpoint
 from hrvit.engine.log import RunLog
-from hrvit.engine.losses import loss_from_sums, segmentation_sums
-from hrvit.engine.metrics import dice_counts, summarize
-from hrvit.engine.picture import read_for_picture, write_picture
+from hrvit.engine.session import Session, on_rank0_then_share, precision, start
 from hrvit.errors import ConfigError, DataError, HrvitError
-from hrvit.models import build_model
-from hrvit.parallel.dist import init_distributed
-from hrvit.parallel.shard import SequenceParallelForward, shard_batch, sum_over_group
-from hrvit.parallel.topology import SequenceParallel, check_parallel, grad_sum_factor
-from hrvit.patching import collate, to_device
+from hrvit.parallel import comm
+from hrvit.patching import collate
 
 CHECKPOINTS = "checkpoints"
 SKIPPED = "skipped_samples.jsonl"
@@ -57,74 +50,6 @@ SKIPPED = "skipped_samples.jsonl"
 class Preempted(Exception):
     """Raised on every rank once the checkpoint after SIGTERM/SIGUSR1 is complete; `hrvit train` then exits
     with cli.PREEMPTED_EXIT so a job script can requeue."""
-
-
-def class_names(cfg: Config) -> list[str]:
-    return cfg.data.class_names or [f"class{i}" if i else "background" for i in range(cfg.data.num_classes)]
-
-
-def find_cases(cfg: Config) -> list[CaseSpec]:
-    return discover(cfg.data.layout, root=cfg.data.root, manifest=cfg.data.manifest,
-                    val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
-                    allow_outside_root=cfg.data.allow_outside_root)
-
-
-def check_case(cfg: Config, spec: CaseSpec):
-    """Open one case and check its size and label values (DataError naming the file)."""
-    if cfg.task == "classify":
-        return classify.check_case(cfg, spec)
-    case = open_case(spec, num_classes=cfg.data.num_classes)
-    check_min_size(case, cfg.patching.patch_size)
-    if case.label is not None:
-        check_labels(case, cfg.data.num_classes)
-    return case
-
-
-def check_cases(cfg: Config, specs: list[CaseSpec], bad: list | None = None) -> tuple[int, int]:
-    """Open every case, check geometry, size and label values; returns (ndim, channels).
-    With `bad` (a list), failing cases are appended to it as (spec, message) instead of raising."""
-    geometry = set()
-    for spec in specs:
-        try:
-            case = check_case(cfg, spec)
-        except DataError as err:
-            if bad is None:
-                raise
-            bad.append((spec, str(err)))
-            continue
-        geometry.add((len(case.image.shape), case.image.channels))
-    bad_ids = {spec.id for spec, _ in bad or []}
-    if not geometry:
-        raise DataError(f"data: none of the {len(specs)} case(s) is readable; run hrvit check-data")
-    if len(geometry) != 1:
-        raise ConfigError(f"data: cases differ in dimensionality/channels {sorted(geometry)}; one run needs one kind")
-    if not any(s.split == "train" and s.id not in bad_ids for s in specs):
-        raise ConfigError("data: no case has split 'train'")
-    return geometry.pop()
-
-
-def _on_rank0_then_share(fn):
-    """Run `fn` on rank 0 only and give every rank its result or its error (no rank is left waiting)."""
-    box = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = fn()
-        except HrvitError as err:
-            box[1] = (type(err), str(err))
-    dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise box[1][0](box[1][1])
-    return box[0]
-
-
-def build(cfg: Config, ndim: int, channels: int):
-    if cfg.task == "classify":
-        return classify.build_classifier(cfg, channels)
-    return build_model(cfg.model.preset, ndim=ndim, patch_size=cfg.patching.patch_size, in_chans=channels,
-                       num_classes=cfg.data.num_classes, embed_dim=cfg.model.embed_dim, depth=cfg.model.depth,
-                       num_heads=cfg.model.num_heads, drop_path=cfg.model.drop_path,
-                       checkpoint_activations=cfg.model.checkpoint_activations,
-                       decoder_channels=cfg.model.decoder_channels)
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -199,8 +124,10 @@ def environment(world: int) -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def checkpoint_meta(cfg: Config, model, ndim: int, channels: int, world: int, ds_config: dict) -> dict:
+def checkpoint_meta(session: Session, model) -> dict:
     """What a checkpoint must match to be resumed: the model's shape, and the topology (ZeRO shards)."""
+    cfg, ndim, channels, world, ds_config = session.cfg, session.ndim, session.channels, session.world, \
+        session.ds_config
     shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.state_dict().items())
     m = cfg.model
     return {"model": {"preset": m.preset, "embed_dim": m.embed_dim, "depth": m.depth, "num_heads": m.num_heads,
@@ -227,10 +154,9 @@ class Signals:
 
     def wanted(self, bad_step: bool) -> tuple[bool, bool, bool]:
         """(stop, save, bad) agreed by all ranks: true if any rank got the signal or saw a bad step."""
-        flags = torch.tensor([*self.flags, float(bad_step)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, save, bad = comm.reduce_values([*self.flags, float(bad_step)], comm.MAX)
         self.flags[self.SAVE] = 0.0
-        return bool(flags[0]), bool(flags[1]), bool(flags[2])
+        return bool(stop), bool(save), bool(bad)
 
 
 def _fault_nan(done: int, rank: int) -> bool:
@@ -260,191 +186,131 @@ def name_lost_workers(workers: int, sampler: StepSampler, dataset: TrainWindows,
 
 def all_agree_finite(loss: torch.Tensor) -> bool:
     """Whether the loss is finite on every rank (one all-reduce): all ranks then skip, or none."""
-    flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0.0
+    return comm.reduce_values([0.0 if torch.isfinite(loss.detach()).all() else 1.0], comm.MAX)[0] == 0.0
 
 
-def evaluate(cfg: Config, model, specs: list[CaseSpec], run: Path | None, step: int,
-             sp: SequenceParallel | None = None) -> dict:
-    """Full-resolution Dice of every evaluation case; every rank runs it (ZeRO-3 needs them in step).
-    With `sp`, the ranks of each SP group run every window together and all get its whole prediction.
-    classify: accuracy, balanced accuracy and AUC of the evaluation cases instead."""
-    if cfg.task == "classify":
-        return {**classify.evaluate(cfg, model, specs, run, class_names(cfg)), "step": step}
-    cases = [s for s in specs if s.split == cfg.eval.split][: cfg.eval.max_cases]
-    per_case = {}
-    was_training = model.training
-    model.eval()
-    forward = model if sp is None else SequenceParallelForward(model, sp.group, sp.size, sp.sp_rank)
-    for i, spec in enumerate(cases):
-        case = open_case(spec, num_classes=cfg.data.num_classes)
-        pred = predict_case(forward, case, window=cfg.data.window, patching=cfg.patching,
-                            batch=cfg.eval.batch, device=getattr(model, "device", None))
-        truth = read_truth(case)
-        per_case[spec.id] = dice_counts(pred, truth, cfg.data.num_classes)
-        if i == 0 and run is not None and cfg.output.picture and dist.get_rank() == 0:
-            write_picture(run / "prediction.png", read_for_picture(case.image), truth, pred)
-    model.train(was_training)
-    result = summarize(per_case, class_names(cfg)) if per_case else {"dice_mean": None}
-    result.update(step=step, cases=len(per_case), split=cfg.eval.split)
-    return result
-
-
-def make_dataset(cfg: Config, specs: list[CaseSpec]) -> TrainWindows | classify.CaseOrder:
-    """The training samples: random windows of the training cases (classify: the cases themselves)."""
-    if cfg.task == "classify":
-        return classify.make_dataset(cfg, specs)
-    return TrainWindows([s for s in specs if s.split == "train"], window=cfg.data.window, patching=cfg.patching,
-                        seed=cfg.train.seed, foreground_bias=cfg.data.foreground_bias, augment=cfg.data.augment,
-                        skip_bad=cfg.data.skip_bad_samples)
-
-
-def batch_loss(cfg: Config, engine, batch: dict, topo: SequenceParallel | None) -> torch.Tensor:
-    """The loss of one micro-batch (segmentation under SP: of the whole sequence, on every rank of the group)."""
-    if cfg.task == "classify":
-        return classify.batch_loss(cfg, engine, batch)
-    batch = to_device(batch, engine.device)
-    if topo is not None:
-        batch = shard_batch(batch, topo.size, topo.sp_rank)
-    logits = engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"], batch.get("key_valid"))
-    valid = batch["valid"]
-    sums = segmentation_sums(logits[valid], batch["target"][valid])
-    if topo is not None:
-        sums = sum_over_group(sums, topo.group)
-    return loss_from_sums(sums, cfg.train.dice_weight, cfg.train.ce_weight)
-
-
-def summary_fields(cfg: Config, result: dict) -> dict:
-    """The task's part of summary.json, from the final evaluation."""
-    if cfg.task == "classify":
-        return classify.summary_fields(cfg, result)
-    return {"dice_mean": result.get("dice_mean"), "dice_per_class": result.get("dice_per_class"),
-            "eval_cases": result.get("cases"), "patching": cfg.patching.mode, "patch_size": cfg.patching.patch_size}
-
-
-def train(cfg: Config) -> dict | None:
-    """Run training as configured; returns the summary on rank 0. Raises Preempted after a signal."""
-    import deepspeed
-
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    signals = Signals()  # before anything slow: a signal during set-up is kept, not fatal
-    rank, world = init_distributed(cfg.parallel.timeout_s)
-    sp = cfg.parallel.sp_size
-    check_parallel(sp, world)
-    topo = SequenceParallel(sp) if sp > 1 else None  # collective: every rank, before any can fail
-    dp_size, dp_rank = world // sp, rank // sp
-
-    # Everything that can be wrong with the inputs is found before anything is written.
-    specs = _on_rank0_then_share(lambda: find_cases(cfg))
-    bad_cases = [] if cfg.data.skip_bad_samples else None
-    ndim, channels, bad_cases = _on_rank0_then_share(lambda: (*check_cases(cfg, specs, bad_cases), bad_cases))
-    bad_ids = {spec.id for spec, _ in bad_cases or []}
-    specs = [s for s in specs if s.id not in bad_ids]
-    ds_config = deepspeed_config(cfg, dp_size)
-    grad_factor = grad_sum_factor(ds_config, sp)
-    run = prepare_run_dir(cfg)
-    resume_from = resume_checkpoint(cfg, run)
-
-    torch.manual_seed(cfg.train.seed)
-    model = build(cfg, ndim, channels)
-    meta = checkpoint_meta(cfg, model, ndim, channels, world, ds_config)
-    if resume_from is not None:
-        universal = bool(ds_config.get("checkpoint", {}).get("load_universal"))
-        _on_rank0_then_share(lambda: checkpoint.check_compatible(resume_from, meta, universal))
-    if cfg.model.init_from:
-        from hrvit.models import load_timm_checkpoint
-        load_timm_checkpoint(model.encoder, cfg.model.init_from)
-    if topo is not None:
-        from hrvit.parallel.attention import ulysses_core
-
-        check_parallel(sp, world, model.encoder.num_heads)
-        model.encoder.set_attention_core(ulysses_core(topo.group))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
-        mpu=topo)
-
-    start_step = 0
-    if resume_from is not None:
-        _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
-        start_step = int(client["step"])
-    t = cfg.train
-    if start_step > t.steps:
-        raise ConfigError(f"train.steps: {t.steps} is below the step of the checkpoint resumed ({start_step})")
-    if rank == 0:
+def write_run_files(session: Session, run: Path, start_step: int, bad_cases: list) -> None:
+    """Rank 0 writes what reproduces the run (config, DeepSpeed JSON, environment) and the dropped cases, and
+    forgets logged steps after the one resumed from; every rank then waits for it."""
+    if session.rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", SKIPPED):
             _forget_after(run / name, start_step)
-        (run / "config.yaml").write_text(to_yaml(cfg))
-        (run / "deepspeed.json").write_text(json.dumps(ds_config, indent=2))
+        (run / "config.yaml").write_text(to_yaml(session.cfg))
+        (run / "deepspeed.json").write_text(json.dumps(session.ds_config, indent=2))
         (run / "environment.json").write_text(json.dumps(
-            {**environment(world), "resumed_from_step": start_step}, indent=2))
+            {**environment(session.world), "resumed_from_step": start_step}, indent=2))
         if bad_cases:
             with open(run / SKIPPED, "a") as f:
                 f.writelines(json.dumps({"step": start_step, "case": spec.id, "path": str(spec.image[0]),
                                          "error": msg, "dropped": True}) + "\n" for spec, msg in bad_cases)
-    dist.barrier()
+    comm.barrier()
 
-    dataset = make_dataset(cfg, specs)
-    sampler = StepSampler(start_step=start_step, steps=t.steps, grad_accum=t.grad_accum,
-                          micro_batch=t.micro_batch, dp_rank=dp_rank, dp_size=dp_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                         collate_fn=getattr(dataset, "collate", collate),
-                                         num_workers=cfg.data.workers,
-                                         persistent_workers=cfg.data.workers > 0)
+
+class Batches:
+    """The loader's micro-batches in order, with the samples the dataset had to skip logged (by one rank per SP
+    group: the group shares its samples) and the counts the summary reports."""
+
+    def __init__(self, session: Session, dataset, sampler: StepSampler, run: Path):
+        self.loader = iter(torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=getattr(dataset, "collate", collate),
+            num_workers=session.cfg.data.workers, persistent_workers=session.cfg.data.workers > 0))
+        self.session, self.run, self.fetched = session, run, [0]
+        self.counts = {"samples": 0, "tokens": 0, "skipped_samples": 0, "bad_steps": 0, "overflow_steps": 0}
+
+    def next(self, step: int) -> dict:
+        batch = next(self.loader)
+        self.fetched[0] += 1
+        s, leader = self.session, self.session.sp_rank == 0
+        self.counts["samples"] += len(batch["meta"]) * s.dp_size
+        self.counts["tokens"] += s.task.tokens(batch) * s.dp_size
+        skipped = [m for meta in batch["meta"] for m in meta.get("skipped", [])]
+        if skipped and leader:
+            with open(self.run / SKIPPED, "a") as f:
+                f.writelines(json.dumps({"step": step + 1, "rank": s.rank, **m}) + "\n" for m in skipped)
+        self.counts["skipped_samples"] += len(skipped) if leader else 0
+        return batch
+
+
+def train_step(session: Session, batches: Batches, step: int) -> tuple[float, bool]:
+    """One optimizer step of train.grad_accum micro-batches: (mean loss, whether every loss was finite).
+    A non-finite loss on any rank skips the step on every rank (with accumulation it goes through backward
+    and ZeRO-1/2 drop the update themselves)."""
+    t, engine = session.cfg.train, session.engine
+    step_loss, finite = 0.0, True
+    for micro in range(t.grad_accum):
+        loss = session.loss(batches.next(step))
+        if _fault_nan(step + 1, session.rank) and micro == 0:
+            loss = loss * float("nan")
+        if not all_agree_finite(loss):
+            finite = False
+            if t.grad_accum == 1:
+                break  # no backward, no optimizer or scheduler step
+        session.backward(loss)
+        engine.step()
+        step_loss += loss.item() / t.grad_accum
+    if not finite and t.grad_accum > 1 and engine.was_step_applied():
+        raise HrvitError(f"train: step {step + 1} had a non-finite loss and DeepSpeed applied it (with "
+                         "train.grad_accum > 1 only ZeRO-1/2 in fp32/fp16 drop such steps); resume from the "
+                         "last checkpoint with a lower train.lr, or check the data")
+    return step_loss, finite
+
+
+def train(cfg: Config) -> dict | None:
+    """Run training as configured; returns the summary on rank 0. Raises Preempted after a signal."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    signals = Signals()  # before anything slow: a signal during set-up is kept, not fatal
+    session = start(cfg)
+    rank, world, task, t = session.rank, session.world, session.task, cfg.train
+    # Everything that can be wrong with the inputs is found before anything is written.
+    bad_cases = [] if cfg.data.skip_bad_samples else None
+    specs = session.check_data(bad_cases)
+    run = prepare_run_dir(cfg)
+    resume_from = resume_checkpoint(cfg, run)
+    torch.manual_seed(t.seed)
+    model = session.build_model()
+    meta = checkpoint_meta(session, model)
+    if resume_from is not None:
+        universal = bool(session.ds_config.get("checkpoint", {}).get("load_universal"))
+        on_rank0_then_share(lambda: checkpoint.check_compatible(resume_from, meta, universal))
+    if cfg.model.init_from:
+        from hrvit.models import load_timm_checkpoint
+        load_timm_checkpoint(model.encoder, cfg.model.init_from)
+    engine, scheduler = session.engine_for(model)
+    start_step = 0
+    if resume_from is not None:
+        _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
+        start_step = int(client["step"])
+    if start_step > t.steps:
+        raise ConfigError(f"train.steps: {t.steps} is below the step of the checkpoint resumed ({start_step})")
+    write_run_files(session, run, start_step, bad_cases)
+
+    dataset = task.make_dataset(specs)
+    sampler = StepSampler(start_step=start_step, steps=t.steps, grad_accum=t.grad_accum, micro_batch=t.micro_batch,
+                          dp_rank=session.dp_rank, dp_size=session.dp_size)
+    batches = Batches(session, dataset, sampler, run)
+    counts = batches.counts
+    fp16 = precision(session.ds_config) == "fp16"
     log = RunLog(run, total=t.steps, start=start_step, enabled=rank == 0)
-    log.info(f"hrvit: {world} rank(s) = {dp_size} data-parallel x {sp} sequence-parallel, "
-             f"ZeRO-{zero_stage(ds_config)}, {ndim}-D, {channels} channel(s), "
-             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-             f"steps {start_step}->{t.steps}, run folder {run}"
+    log.info(f"hrvit: {world} rank(s) = {session.dp_size} data-parallel x {session.sp_size} sequence-parallel, "
+             f"ZeRO-{zero_stage(session.ds_config)}, {precision(session.ds_config)}, {session.ndim}-D, "
+             f"{session.channels} channel(s), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+             f"on {session.device}, steps {start_step}->{t.steps}, run folder {run}"
              + (f", resumed from {resume_from}" if resume_from else ""))
     for spec, msg in bad_cases or []:
         log.info(f"hrvit: skipping case {spec.id}: {msg}")
-
-    def next_batch(step: int, micro: int) -> dict:
-        batch = next(batches)
-        fetched[0] += 1
-        skipped = [m for meta in batch["meta"] for m in meta.get("skipped", [])]
-        if skipped and rank % sp == 0:  # one rank per SP group: the group shares its samples
-            with open(run / SKIPPED, "a") as f:
-                f.writelines(json.dumps({"step": step + 1, "rank": rank, **m}) + "\n" for m in skipped)
-        counts["skipped_samples"] += len(skipped) if rank % sp == 0 else 0
-        return batch
-
-    batches = iter(loader)
-    fetched = [0]
-    counts = {"samples": 0, "tokens": 0, "skipped_samples": 0, "bad_steps": 0}
-    train_time = 0.0
-    window_loss = []
-    bad_in_a_row = 0
-    lost_workers = name_lost_workers(cfg.data.workers, sampler, dataset, fetched)
-    with lost_workers:
+    train_time, window_loss, bad_in_a_row = 0.0, [], 0
+    with name_lost_workers(cfg.data.workers, sampler, dataset, batches.fetched):
         for step in range(start_step, t.steps):
-            torch.manual_seed(hash((t.seed, step, dp_rank)) % 2**63)
+            torch.manual_seed(hash((t.seed, step, session.dp_rank)) % 2**63)
             tick = time.perf_counter()
             done = step + 1
-            step_loss, finite = 0.0, True
-            for micro in range(t.grad_accum):
-                batch = next_batch(step, micro)
-                counts["samples"] += len(batch["meta"]) * dp_size
-                counts["tokens"] += (batch["tokens"] if "tokens" in batch else int(batch["valid"].sum())) * dp_size
-                loss = batch_loss(cfg, engine, batch, topo)
-                if _fault_nan(done, rank) and micro == 0:
-                    loss = loss * float("nan")
-                if not all_agree_finite(loss):
-                    finite = False
-                    if t.grad_accum == 1:
-                        break  # no backward, no optimizer or scheduler step: the step is skipped on every rank
-                # with accumulation the NaN goes through backward: ZeRO-1/2 then drop the whole step themselves
-                engine.backward(loss * grad_factor if grad_factor != 1 else loss)
-                engine.step()
-                step_loss += loss.item() / t.grad_accum
-            if not finite and t.grad_accum > 1 and engine.was_step_applied():
-                raise HrvitError(f"train: step {done} had a non-finite loss and DeepSpeed applied it (with "
-                                 "train.grad_accum > 1 only ZeRO-1/2 in fp32/fp16 drop such steps); resume from the "
-                                 "last checkpoint with a lower train.lr, or check the data")
-            # DeepSpeed itself skips an update whose gradient norm is not finite (ZeRO-1/2): a bad step too
-            stop, save, bad = signals.wanted(not finite or not engine.was_step_applied())
+            step_loss, finite = train_step(session, batches, step)
+            # DeepSpeed skips an update whose gradients are not finite: a bad step, except in fp16, where
+            # that is the loss scaler backing off (counted, not fatal)
+            skipped = finite and not engine.was_step_applied()
+            counts["overflow_steps"] += skipped and fp16
+            stop, save, bad = signals.wanted(not finite or skipped and not fp16)
             train_time += time.perf_counter() - tick
             if bad:
                 counts["bad_steps"] += 1
@@ -458,9 +324,8 @@ def train(cfg: Config) -> dict | None:
                 bad_in_a_row = 0
                 window_loss.append(step_loss)
             if window_loss and (done % t.log_every == 0 or done == t.steps):
-                mean = torch.tensor(sum(window_loss) / len(window_loss))
-                dist.all_reduce(mean)
-                log.metrics({"step": done, "loss": round(mean.item() / world, 6), "lr": scheduler.get_last_lr()[0],
+                mean = comm.reduce_values([sum(window_loss) / len(window_loss)])[0] / world
+                log.metrics({"step": done, "loss": round(mean, 6), "lr": scheduler.get_last_lr()[0],
                              "samples_per_s": round(counts["samples"] / train_time, 3),
                              "tokens_per_s": round(counts["tokens"] / train_time, 1)})
                 window_loss = []
@@ -473,46 +338,58 @@ def train(cfg: Config) -> dict | None:
                 log.close()
                 raise Preempted(done)
             if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
-                log.metrics({"step": done, "eval": evaluate(cfg, engine, specs, run, done, topo)})
+                log.metrics({"step": done, "eval": task.evaluate(session, engine, specs, run, done)})
     checkpoint.save(engine, run / CHECKPOINTS, t.steps, meta, t.keep_last)
-    log.info("hrvit: evaluating" + (" at full resolution" if cfg.task == "segment" else ""))
-    result = evaluate(cfg, engine, specs, run, t.steps, topo)
+    log.info("hrvit: final evaluation")
+    result = task.evaluate(session, engine, specs, run, t.steps)
     log.metrics({"step": t.steps, "eval": result})
-    totals = torch.tensor([counts["skipped_samples"]], dtype=torch.float64)
-    dist.all_reduce(totals)
+    return finish(session, run, log, result, counts, train_time, start_step, bad_cases)
+
+
+def finish(session: Session, run: Path, log: RunLog, result: dict, counts: dict, train_time: float,
+           start_step: int, bad_cases: list | None) -> dict | None:
+    """Write summary.json (rank 0) from the final evaluation and the run's counts; returns it on rank 0."""
+    cfg = session.cfg
+    skipped = comm.reduce_values([counts["skipped_samples"]])[0]
     summary = {
-        **summary_fields(cfg, result),
-        "steps": t.steps,
+        **session.task.summary_fields(result),
+        "steps": cfg.train.steps,
         "resumed_from_step": start_step,
         "samples_per_s": round(counts["samples"] / train_time, 3) if train_time else None,
         "tokens_per_s": round(counts["tokens"] / train_time, 1) if train_time else None,
         "train_seconds": round(train_time, 2),
-        "world_size": world,
-        "dp_size": dp_size,
-        "sp_size": sp,
-        "zero_stage": zero_stage(ds_config),
+        "world_size": session.world,
+        "dp_size": session.dp_size,
+        "sp_size": session.sp_size,
+        "zero_stage": zero_stage(session.ds_config),
+        "precision": precision(session.ds_config),
         "bad_steps": counts["bad_steps"],
-        "skipped_samples": int(totals.item()),
-        "dropped_cases": sorted(bad_ids),
+        "overflow_steps": counts["overflow_steps"],
+        "skipped_samples": int(skipped),
+        "dropped_cases": sorted(spec.id for spec, _ in bad_cases or []),
         "final_loss": log.last_loss,
     }
     log.close()
-    if rank == 0:
+    if session.rank == 0:
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
-        score = (f"accuracy {summary['accuracy']}" if cfg.task == "classify" else f"mean Dice {summary['dice_mean']}")
-        log.info(f"hrvit: {score} over {summary['eval_cases']} held-out case(s); "
+        log.info(f"hrvit: {session.task.score(summary)} over {summary['eval_cases']} held-out case(s); "
                  f"summary in {run / 'summary.json'}, picture in {run / 'prediction.png'}")
-    dist.barrier()
-    return summary if rank == 0 else None
+    comm.barrier()
+    return summary if session.rank == 0 else None
 
 
-def load_weights(run: Path, cfg: Config, ndim: int, channels: int):
-    """The model with the fp32 weights of the run's latest complete checkpoint (any ZeRO stage), no engine needed."""
+def load_weights(run: Path, cfg: Config, ndim: int, channels: int, device=None):
+    """The model with the fp32 weights of the run's latest complete checkpoint (any ZeRO stage), no engine needed,
+    on `device` (default: the accelerator's current device, the CPU without one)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         raise ConfigError(f"{run}: no complete checkpoint found in {run / CHECKPOINTS}")
-    model = build(cfg, ndim, channels)
+    from deepspeed.accelerator import get_accelerator
+
+    from hrvit.engine.session import task_for
+
+    model = task_for(cfg).build_model(ndim, channels)
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
-    return model.eval()
+    return model.to(device or get_accelerator().current_device_name()).eval()

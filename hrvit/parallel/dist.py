@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from hrvit.errors import HrvitError
+from hrvit.errors import ConfigError, HrvitError
 from hrvit.parallel.env import discover, pick_device
 
 
@@ -18,16 +18,20 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     A run started without a launcher becomes a one-rank group on a free local port, so the
     same code path (and DeepSpeed) serves single-process and multi-process runs. The rendezvous
     and every collective give up after `timeout_s` seconds with an error instead of hanging.
+    The backend is the accelerator's (NCCL/RCCL on GPUs, gloo on CPU); HRVIT_DIST_BACKEND=gloo
+    overrides it (tools/memory_sp.py uses that to put several ranks on one GPU).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     if not dist.is_initialized():
         env = discover()
+        backend = os.environ.get("HRVIT_DIST_BACKEND") or get_accelerator().communication_backend_name()
+        check_backend(backend, get_accelerator().device_name())
         env["LOCAL_RANK"] = str(pick_device(int(env["LOCAL_RANK"])))
         os.environ.update(env)
         try:
-            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+            deepspeed.init_distributed(dist_backend=backend,
                                        timeout=timedelta(seconds=timeout_s), verbose=False)
         except (RuntimeError, ValueError, OSError) as err:
             raise HrvitError(
@@ -35,6 +39,19 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
                 f"MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']} within parallel.timeout_s="
                 f"{timeout_s} s: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return dist.get_rank(), dist.get_world_size()
+
+
+def check_backend(backend: str, device: str) -> None:
+    """ConfigError when the backend needs GPUs that this process cannot see (NCCL/RCCL without GPUs)."""
+    import torch
+
+    if backend == "nccl" and not torch.cuda.is_available():
+        hint = f"DS_ACCELERATOR={os.environ['DS_ACCELERATOR']} is set" if "DS_ACCELERATOR" in os.environ else \
+            f"DeepSpeed chose its {device} accelerator"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", os.environ.get("ROCR_VISIBLE_DEVICES"))
+        raise ConfigError(f"parallel: {hint}, whose backend NCCL needs GPUs, but torch sees none (torch "
+                          f"{torch.__version__}, CUDA_VISIBLE_DEVICES={visible!r}); run on a GPU node, or set "
+                          "DS_ACCELERATOR=cpu to train on the CPU with gloo")
 
 
 def is_main() -> bool:

@@ -2,9 +2,21 @@
 MASTER_ADDR, MASTER_PORT, which torch.distributed (through deepspeed.init_distributed) reads.
 
 DeepSpeed reads no Slurm variable, and finds MPI ranks only through its own mpi4py probe; doing
-it here gives every launcher one path and one set of errors. Precedence: explicit RANK (deepspeed
-launcher, torchrun, by hand) > MPI (mpirun; Slurm variables inherited from an allocation are
-wrong there) > Slurm (srun). None of them: a one-process run.
+it here gives every launcher one path and one set of errors. Precedence (`launched_by`):
+
+1. RANK/WORLD_SIZE set: the deepspeed launcher, torchrun or a user set them; they win over any
+   Slurm or MPI variable the process also inherited (the deepspeed launcher runs inside srun).
+2. A Slurm job step (numeric SLURM_STEP_ID and SLURM_PROCID, set by srun for each task): the Slurm
+   variables are the truth, even next to PMI_RANK/PMI_SIZE (Cray srun exports them) or PMIX_*
+   (srun --mpi=pmix), and mpi4py is not asked: an mpi4py built against another MPI initialises
+   each task of a Cray srun as a one-rank world, so every task would train alone. The batch
+   script's own step ("batch" or no step id) is no task step. Exception, an mpirun inside the step
+   (its per-node daemons are the step's tasks and the ranks inherit their SLURM_* variables):
+   OMPI_COMM_WORLD_SIZE set (Open MPI's mpirun/prterun; srun never sets it) or PMI_SIZE greater
+   than the step's task count (MPICH/Intel hydra) means MPI.
+3. MPI (OMPI_*, PMI_*, PMIX_*; mpirun outside a step, e.g. from the batch script): ranks from
+   mpi4py when installed, else from the variables.
+4. Nothing of these: a one-process run (also a one-task Slurm step).
 """
 
 from __future__ import annotations
@@ -18,6 +30,11 @@ from hrvit.errors import ConfigError
 
 RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+VISIBLE_DEVICES = ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
+LOCAL_TASKS = {"launcher": ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"),  # torchrun, deepspeed launcher
+               "mpi": ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "PMI_LOCAL_SIZE"),
+               "slurm": ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")}
+"""Where each launcher says how many tasks it started on this node."""
 
 
 def free_port() -> int:
@@ -51,7 +68,35 @@ def _need(env: Mapping[str, str], name: str, why: str) -> str:
     return env[name]
 
 
+def _step_tasks(env: Mapping[str, str]) -> int:
+    return int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
+
+
+def _in_slurm_step(env: Mapping[str, str]) -> bool:
+    """srun started this task. Pseudo-steps (batch, extern, interactive) are 0xFFFFFFF0 and up, or words."""
+    step = env.get("SLURM_STEP_ID") or env.get("SLURM_STEPID") or ""
+    return "SLURM_PROCID" in env and step.isdigit() and int(step) < 0xFFFFFFF0
+
+
+def _mpirun_inside_step(env: Mapping[str, str]) -> bool:
+    pmi_size = env.get("PMI_SIZE", "")
+    return "OMPI_COMM_WORLD_SIZE" in env or (pmi_size.isdigit() and int(pmi_size) > _step_tasks(env))
+
+
+def launched_by(env: Mapping[str, str]) -> str:
+    """'launcher', 'slurm', 'mpi' or 'none', in the module docstring's precedence."""
+    if "RANK" in env or "WORLD_SIZE" in env:
+        return "launcher"
+    if _in_slurm_step(env) and not _mpirun_inside_step(env):
+        return "slurm"
+    if any(name in env for name in MPI_MARKERS):
+        return "mpi"
+    return "none"
+
+
 def _from_launcher(env: Mapping[str, str]) -> dict[str, str]:
+    if "RANK" not in env:
+        raise ConfigError("RANK is not set although WORLD_SIZE is: the launcher must set both")
     why = "RANK is set, so a launcher started this process, and it must also set " + ", ".join(RENDEZVOUS)
     out = {name: _need(env, name, why) for name in RENDEZVOUS}
     out["LOCAL_RANK"] = env.get("LOCAL_RANK", "0")
@@ -66,7 +111,7 @@ def _from_slurm(env: Mapping[str, str]) -> dict[str, str]:
         env, "SLURM_JOB_ID", "under Slurm the rendezvous port comes from the job id (or set MASTER_PORT)"))
     return {
         "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
+        "WORLD_SIZE": str(_step_tasks(env)),
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
         "MASTER_PORT": port,
@@ -98,35 +143,68 @@ def _from_mpi_env(env: Mapping[str, str]) -> dict[str, str]:
             "MASTER_ADDR": _need(env, "MASTER_ADDR", why), "MASTER_PORT": _need(env, "MASTER_PORT", why)}
 
 
-def discover(env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for this process from whatever started it."""
-    env = os.environ if env is None else env
-    if "RANK" in env or "WORLD_SIZE" in env:
-        if "RANK" not in env:
-            raise ConfigError("RANK is not set although WORLD_SIZE is: the launcher must set both")
-        return _from_launcher(env)
-    if any(name in env for name in MPI_MARKERS):
-        found = _from_mpi4py(env)
-        if found is not None:
-            return found
-        if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:  # mpirun: inherited Slurm variables are wrong
-            return _from_mpi_env(env)
-    if "SLURM_PROCID" in env and (env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")) != "1":
-        return _from_slurm(env)
-    if "PMIX_RANK" in env:
-        raise ConfigError("PMIX_RANK is set but not RANK: started by a PMIx launcher; "
-                          "pip install 'hrvit[mpi]' (mpi4py) so hrvit can ask MPI for the ranks")
+def _alone(env: Mapping[str, str]) -> dict[str, str]:
     return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": env.get("MASTER_PORT") or str(free_port())}
 
 
-def pick_device(local_rank: int) -> int:
-    """The GPU of this process: with one GPU per task (srun --gpus-per-task=1) that is device 0
-    whatever SLURM_LOCALID says. Returns the device index (local_rank unchanged without GPUs)."""
+def discover(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for this process from whatever started it."""
+    env = os.environ if env is None else env
+    kind = launched_by(env)
+    if kind == "launcher":
+        return _from_launcher(env)
+    if kind == "slurm":
+        return _from_slurm(env) if _step_tasks(env) > 1 else _alone(env)
+    if kind == "mpi":
+        found = _from_mpi4py(env)
+        if found is not None:
+            return found
+        if "OMPI_COMM_WORLD_SIZE" in env or "PMI_SIZE" in env:
+            return _from_mpi_env(env)
+        raise ConfigError("PMIX_RANK is set but not RANK: started by a PMIx launcher; "
+                          "pip install 'hrvit[mpi]' (mpi4py) so hrvit can ask MPI for the ranks")
+    return _alone(env)
+
+
+def local_tasks(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """(variable, value): how many tasks the launcher that started us put on this node, if it says."""
+    for name in LOCAL_TASKS.get(launched_by(env), ()):
+        value = env.get(name, "")
+        if name.startswith("SLURM_"):  # '8', '8(x4)' or '8(x3),7': only one count for all nodes is usable
+            counts = {re.sub(r"\(x\d+\)$", "", part) for part in value.split(",")}
+            value = counts.pop() if len(counts) == 1 else ""
+        if value.isdigit():
+            return name, int(value)
+    return None
+
+
+def gpu_for_rank(local_rank: int, device_count: int, tasks: tuple[str, int] | None = None,
+                 visible: str = "") -> int:
+    """The GPU index for a rank. One visible GPU (srun --gpus-per-task=1, --gpu-bind=closest) is the
+    task's own whatever its LOCAL_RANK; with several, rank i takes GPU i, and a rank without a GPU of
+    its own is an error: NCCL/RCCL refuses two ranks on one GPU (it used to be local_rank % count)."""
+    if device_count <= 1:
+        return 0
+    fix = (f"launch at most {device_count} tasks per node (--ntasks-per-node={device_count}, as many as "
+           "--gpus-per-node), or give each task its own GPU (srun --gpus-per-task=1)")
+    if tasks is not None and tasks[1] > device_count:
+        raise ConfigError(f"{tasks[0]}={tasks[1]}: {tasks[1]} tasks on this node but this process sees only "
+                          f"{device_count} GPUs ({visible or 'no *_VISIBLE_DEVICES set'}); {fix}")
+    if local_rank >= device_count:
+        raise ConfigError(f"LOCAL_RANK={local_rank} has no GPU of its own: this process sees {device_count} "
+                          f"GPUs ({visible or 'no *_VISIBLE_DEVICES set'}); {fix}")
+    return local_rank
+
+
+def pick_device(local_rank: int, env: Mapping[str, str] | None = None) -> int:
+    """Select this process's GPU (see gpu_for_rank); returns its index, or local_rank unchanged without GPUs."""
     import torch
 
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         return local_rank
-    index = local_rank % torch.cuda.device_count()
+    env = os.environ if env is None else env
+    visible = ", ".join(f"{name}={env[name]}" for name in VISIBLE_DEVICES if name in env)
+    index = gpu_for_rank(local_rank, torch.cuda.device_count(), local_tasks(env), visible)
     torch.cuda.set_device(index)
     return index

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from hrvit.errors import ConfigError
+from hrvit.parallel import comm
 from hrvit.patching import IGNORE_INDEX
 
 _FILL = {"pixels": 0, "boxes": 0, "level": 0, "valid": False, "target": IGNORE_INDEX}
@@ -43,9 +43,7 @@ def shard_batch(batch: dict, sp_size: int, sp_rank: int) -> dict:
 
 def gather_tokens(local: torch.Tensor, group, length: int) -> torch.Tensor:
     """[B, L/sp, ...] slices of the SP group -> [B, length, ...] (padding dropped); no gradient."""
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=1)[:, :length]
+    return torch.cat(comm.all_gather(local, group), dim=1)[:, :length]
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -55,9 +53,7 @@ class _SumOverGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return comm.all_reduce(x.clone(), group=group)
 
     @staticmethod
     def backward(ctx, grad):

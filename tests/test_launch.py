@@ -1,0 +1,325 @@
+"""Launchers: which of the deepspeed launcher, Slurm and MPI started a process (hrvit/parallel/env.py),
+which GPU each rank takes, and the launch scripts (with stand-ins for srun, scontrol and module)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from conftest import PY, REPO, TINY, free_port, hrvit
+
+from hrvit.errors import ConfigError
+from hrvit.parallel import env as penv
+from hrvit.parallel.env import discover, first_host, gpu_for_rank, launched_by, local_tasks, slurm_port
+
+RECIPE = "launch/recipes/quickstart.yaml"
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    ENV.pop(_name, None)
+
+STEP = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "8"}
+"""Task 3 of an 8-task srun step."""
+ALLOC = {"SLURM_JOB_ID": "1234", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "8", "SLURM_PROCID": "0"}
+"""What a batch script (and anything it starts without srun) inherits."""
+OMPI = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "MASTER_ADDR": "m", "MASTER_PORT": "6"}
+SLURM_RANKS = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+               "MASTER_PORT": slurm_port("1234")}
+MPI_RANKS = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "m", "MASTER_PORT": "6"}
+
+
+def _mpi4py(monkeypatch, allowed: bool) -> None:
+    """mpi4py as if not installed; asking it at all fails the test unless allowed (under a Cray srun an
+    mpi4py built against another MPI would initialise each task as a one-rank world)."""
+    class Stub(types.ModuleType):
+        def __getattr__(self, name):
+            if not allowed:
+                raise AssertionError(f"mpi4py.{name} consulted")
+            raise ImportError("mpi4py hidden by the test")
+
+    monkeypatch.setitem(sys.modules, "mpi4py", Stub("mpi4py"))
+
+
+@pytest.mark.parametrize("nodelist, host", [
+    ("node07", "node07"), ("node[01-04]", "node01"), ("node[03,05-06],gpu1", "node03"),
+    ("gpu1,node[1-2]", "gpu1"), ("frontier[00123-00125]", "frontier00123"), ("rack[2-3]-n[10-11]", "rack2-n10"),
+])
+def test_first_host_of_a_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+LAUNCHER = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "5"}
+
+
+@pytest.mark.parametrize("env, kind, ranks", [
+    # the deepspeed launcher / torchrun inside an srun step (slurm.sbatch HRVIT_LAUNCHER=deepspeed)
+    ({**STEP, "PMI_RANK": "3", "PMI_SIZE": "8", **OMPI, **LAUNCHER}, "launcher", LAUNCHER),
+    ({**STEP}, "slurm", SLURM_RANKS),
+    ({**STEP, "SLURM_STEPID": "0", "SLURM_STEP_ID": ""}, "slurm", SLURM_RANKS),  # older Slurm's name
+    # Cray srun exports PMI_RANK/PMI_SIZE; an MPI that is not Cray's would report a singleton
+    ({**STEP, "PMI_RANK": "3", "PMI_SIZE": "8"}, "slurm", SLURM_RANKS),
+    ({**STEP, "PMI_RANK": "0", "PMI_SIZE": "1"}, "slurm", SLURM_RANKS),
+    ({**STEP, "PMIX_RANK": "3"}, "slurm", SLURM_RANKS),  # srun --mpi=pmix
+    # mpirun in the batch script: SLURM_* inherited from the allocation, no step (or the batch pseudo-step)
+    ({**ALLOC, **OMPI}, "mpi", MPI_RANKS),
+    ({**ALLOC, "SLURM_STEP_ID": "batch", **OMPI}, "mpi", MPI_RANKS),
+    ({**ALLOC, "SLURM_STEP_ID": str(0xFFFFFFFB), **OMPI}, "mpi", MPI_RANKS),
+    # mpirun over 2 nodes: its daemons are a 2-task srun step whose SLURM_PROCID the ranks inherit
+    ({**STEP, "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", **OMPI}, "mpi", MPI_RANKS),
+    ({**STEP, "SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "PMI_RANK": "5", "PMI_SIZE": "8",
+      "MPI_LOCALRANKID": "1", "MASTER_ADDR": "m", "MASTER_PORT": "6"}, "mpi", MPI_RANKS),  # MPICH/Intel hydra
+    ({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MASTER_ADDR": "m", "MASTER_PORT": "6"}, "mpi",
+     MPI_RANKS),
+    ({**OMPI}, "mpi", MPI_RANKS),
+    # a batch script running hrvit without srun, or a one-task step: one process, no rendezvous
+    ({**ALLOC}, "none", {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}),
+    ({**STEP, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "PMI_SIZE": "1"}, "slurm",
+     {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}),
+    ({}, "none", {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}),
+])
+def test_discover_follows_the_launcher_precedence(monkeypatch, env, kind, ranks):
+    """Launcher variables > a Slurm task step (mpi4py never asked there) > MPI > one process."""
+    _mpi4py(monkeypatch, allowed=kind == "mpi")
+    assert launched_by(env) == kind
+    found = discover(env)
+    assert {key: found[key] for key in ranks} == ranks
+
+
+def test_slurm_rendezvous_comes_from_the_job(monkeypatch):
+    _mpi4py(monkeypatch, allowed=False)
+    assert discover({**STEP, "MASTER_PORT": "4000", "MASTER_ADDR": "10.0.0.1"})["MASTER_ADDR"] == "10.0.0.1"
+    assert discover({**STEP, "SLURM_STEP_NODELIST": "gpu08"})["MASTER_ADDR"] == "gpu08"  # a step on part of the job
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"}, "MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2"}, "RANK is not set although WORLD_SIZE is"),
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"},
+     "SLURM_JOB_NODELIST is not set"),
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a"},
+     "SLURM_JOB_ID is not set"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "MASTER_ADDR is not set: started by MPI"),
+    ({"PMIX_RANK": "0"}, "PMIX_RANK is set but not RANK"),
+])
+def test_missing_rendezvous_variables_are_named(monkeypatch, env, message):
+    _mpi4py(monkeypatch, allowed=True)
+    with pytest.raises(ConfigError, match=message):
+        discover(env)
+
+
+# ---------------------------------------------------------------- one GPU per rank
+
+
+@pytest.mark.parametrize("local_rank, count, tasks, device", [
+    (0, 0, None, 0), (5, 1, None, 0), (5, 1, ("SLURM_STEP_TASKS_PER_NODE", 8), 0),  # srun --gpus-per-task=1
+    (3, 8, ("LOCAL_SIZE", 8), 3), (3, 4, None, 3), (1, 8, ("SLURM_STEP_TASKS_PER_NODE", 4), 1),
+])
+def test_each_rank_gets_a_gpu_of_its_own(local_rank, count, tasks, device):
+    assert gpu_for_rank(local_rank, count, tasks) == device
+
+
+@pytest.mark.parametrize("local_rank, tasks, message", [
+    (5, None, "LOCAL_RANK=5 has no GPU of its own: this process sees 4 GPUs \\(CUDA_VISIBLE_DEVICES=0,1,2,3\\)"),
+    (0, ("SLURM_STEP_TASKS_PER_NODE", 8), "SLURM_STEP_TASKS_PER_NODE=8: 8 tasks on this node but this process sees "
+                                          "only 4 GPUs"),
+])
+def test_more_ranks_than_gpus_on_a_node_is_an_error(local_rank, tasks, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        gpu_for_rank(local_rank, 4, tasks, "CUDA_VISIBLE_DEVICES=0,1,2,3")
+    assert "--ntasks-per-node=4" in str(err.value) and "srun --gpus-per-task=1" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("env, tasks", [
+    ({**STEP, "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_NTASKS_PER_NODE": "8"}, ("SLURM_STEP_TASKS_PER_NODE", 4)),
+    ({**STEP, "SLURM_STEP_TASKS_PER_NODE": "5,3", "SLURM_NTASKS_PER_NODE": "8"}, ("SLURM_NTASKS_PER_NODE", 8)),
+    ({**STEP, "SLURM_STEP_TASKS_PER_NODE": "5,3"}, None),
+    ({**LAUNCHER, "LOCAL_SIZE": "2", "SLURM_STEP_TASKS_PER_NODE": "1"}, ("LOCAL_SIZE", 2)),  # deepspeed launcher
+    ({**LAUNCHER, "LOCAL_WORLD_SIZE": "2"}, ("LOCAL_WORLD_SIZE", 2)),  # torchrun
+    ({**OMPI, "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, ("OMPI_COMM_WORLD_LOCAL_SIZE", 4)),
+    ({}, None),
+])
+def test_local_task_count_comes_from_the_launcher_that_started_us(env, tasks):
+    assert local_tasks(env) == tasks
+
+
+def test_pick_device_refuses_a_second_rank_on_one_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    env = {**STEP, "SLURM_LOCALID": "2", "SLURM_STEP_TASKS_PER_NODE": "3", "ROCR_VISIBLE_DEVICES": "0,1"}
+    with pytest.raises(ConfigError, match=r"SLURM_STEP_TASKS_PER_NODE=3: .* sees only 2 GPUs \(ROCR_VISIBLE_DEVICES"):
+        penv.pick_device(2, env)
+    assert penv.pick_device(1, {**env, "SLURM_STEP_TASKS_PER_NODE": "2"}) == 1
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_unreachable_master_is_an_error_not_a_hang(slides, tmp_path):
+    env = {**ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([PY, "-m", "hrvit", "train", RECIPE, *TINY, f"data.manifest={slides}",
+                           f"output.dir={tmp_path / 'run'}", "parallel.timeout_s=3"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not join the process group at MASTER_ADDR=127.0.0.1" in proc.stderr
+    assert "parallel.timeout_s=3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# test stand-in for srun: -n/--ntasks (else SLURM_NTASKS) copies of the command, each in its own process
+# group with what srun gives a task, plus PMI_RANK=0 PMI_SIZE=1: what an MPI other than Cray's reports
+# under a Cray srun. With FAKE_USR1_WHEN=FILE it sends SIGUSR1 to every process of the step once FILE
+# exists, as Slurm's --signal does.
+n=$SLURM_NTASKS
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in -n) n=$2; shift;; --ntasks=*) n=${1#*=};; -N|-c|-A|-t) shift;; esac
+  shift
+done
+pids=()
+for ((i = 0; i < n; i++)); do
+  SLURM_STEP_ID=0 SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 SLURM_NTASKS=$n SLURM_STEP_NUM_TASKS=$n \
+    SLURM_STEP_TASKS_PER_NODE=$n SLURM_STEP_NODELIST=$SLURM_JOB_NODELIST PMI_RANK=0 PMI_SIZE=1 setsid "$@" &
+  pids+=($!)
+done
+if [[ -n ${FAKE_USR1_WHEN:-} ]]; then
+  while [[ ! -e $FAKE_USR1_WHEN ]]; do sleep 0.1; done
+  for p in "${pids[@]}"; do kill -USR1 -- "-$p"; done
+fi
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def _stand_ins(folder: Path, calls: Path) -> Path:
+    """srun (FAKE_SRUN) and scontrol (host names of a one-node job, `requeue` recorded) in folder."""
+    folder.mkdir(exist_ok=True)
+    (folder / "srun").write_text(FAKE_SRUN)
+    (folder / "scontrol").write_text(f'#!/bin/sh\necho "scontrol $*" >> {calls}\n'
+                                     '[ "$1 $2" = "show hostnames" ] && echo localhost\nexit 0\n')
+    for name in ("srun", "scontrol"):
+        (folder / name).chmod(0o755)
+    return folder
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_tasks_train_as_one_sp_group_whatever_pmi_says(slides, tmp_path):
+    """launch/slurm.sbatch as Slurm runs it, with a stand-in srun that gives each task what a Cray srun
+    does (SLURM_PROCID/LOCALID/STEP_ID/STEP_NUM_TASKS, the node list, the job id, and PMI_RANK=0 PMI_SIZE=1
+    as a non-Cray MPI would see it; no RANK/WORLD_SIZE/MASTER_*): the two tasks train as one SP = 2 group,
+    and `hrvit eval` of the checkpoint they wrote (one process) reproduces the full-resolution Dice the SP
+    group computed."""
+    fake = _stand_ins(tmp_path / "bin", tmp_path / "calls")
+    job = next(j for j in range(os.getpid(), os.getpid() + 20000) if _port_free(int(slurm_port(str(j)))))
+    env = {**ENV, "PATH": f"{fake}{os.pathsep}{ENV['PATH']}", "SLURM_JOB_ID": str(job), "SLURM_NTASKS": "2",
+           "SLURM_JOB_NODELIST": "localhost", "SLURM_SUBMIT_DIR": str(REPO)}
+    run = tmp_path / "run"
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", RECIPE, *TINY, f"data.manifest={slides}",
+                           f"output.dir={run}", "train.steps=2", "eval.max_cases=1", "output.picture=false",
+                           "parallel.sp_size=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sp_size"] == 2 and summary["steps"] == 2
+    hrvit("eval", run)
+    assert json.loads((run / "eval.json").read_text())["dice_mean"] == pytest.approx(summary["dice_mean"], abs=1e-4)
+
+
+FAKE_LAUNCHER = """#!/usr/bin/env bash
+# stand-in for the deepspeed launcher: starts one rank and, like the real one, has no SIGUSR1 handler
+"$REAL_PYTHON" -c "$RANK_CODE" &
+wait $!
+"""
+RANK_CODE = """import os, pathlib, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(75))  # as hrvit does: checkpoint, exit 75
+pathlib.Path(os.environ["FAKE_USR1_WHEN"]).touch()
+time.sleep(60)
+"""
+
+
+def test_slurm_sbatch_deepspeed_launcher_survives_the_preemption_signal(tmp_path):
+    """HRVIT_LAUNCHER=deepspeed: Slurm's SIGUSR1 reaches every process of the step; the launcher must outlive
+    it so that the ranks' exit 75 (checkpoint written) becomes the step's status and the job requeues."""
+    calls = tmp_path / "calls"
+    fake = _stand_ins(tmp_path / "bin", calls)
+    submit = tmp_path / "submit"  # the script runs `$SLURM_SUBMIT_DIR/.venv/bin/python -m deepspeed.launcher.runner`
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    (submit / ".venv" / "bin" / "python").write_text(FAKE_LAUNCHER)
+    (submit / ".venv" / "bin" / "python").chmod(0o755)
+    env = {**ENV, "PATH": f"{fake}{os.pathsep}{ENV['PATH']}", "SLURM_JOB_ID": "42", "SLURM_NTASKS": "1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_SUBMIT_DIR": str(submit),
+           "HRVIT_LAUNCHER": "deepspeed", "TMPDIR": str(tmp_path), "REAL_PYTHON": PY, "RANK_CODE": RANK_CODE,
+           "FAKE_USR1_WHEN": str(tmp_path / "rank-ready")}
+    proc = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), RECIPE], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "scontrol requeue 42" in calls.read_text() and "preempted after a checkpoint" in proc.stdout
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _mpirun() -> str | None:
+    path = shutil.which("mpirun", path=f"{Path(PY).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return None
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_mpirun() is None, reason="mpirun or mpi4py not installed (pip install -e '.[mpi]')")
+def test_mpirun_ranks_are_discovered_through_mpi4py(slides, tmp_path):
+    run = tmp_path / "run"
+    cmd = [_mpirun(), "--allow-run-as-root", "-np", "2", PY, "-m", "hrvit", "train", RECIPE, *TINY,
+           f"data.manifest={slides}", f"output.dir={run}", "train.steps=2", "eval.max_cases=0",
+           "output.picture=false", "parallel.sp_size=2"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["sp_size"] == 2
+
+
+@pytest.mark.parametrize("script", ["launch/local.sh", "launch/slurm.sbatch", "launch/frontier.sbatch"])
+def test_launch_scripts_parse_and_explain_their_usage(script):
+    assert subprocess.run(["bash", "-n", script], cwd=REPO).returncode == 0
+    proc = subprocess.run(["bash", script], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+@pytest.mark.parametrize("module, rocm, message", [
+    (None, None, "no 'module' command: launch/frontier.sbatch is for OLCF Frontier"),
+    ("exit 1", None, "module load rocm/6.2.4 failed"),
+    ("exit 1", "6.3.1", "module load rocm/6.3.1 failed (see module avail rocm): set HRVIT_ROCM"),
+])
+def test_frontier_sbatch_stops_without_its_rocm_module(tmp_path, module, rocm, message):
+    """No silent `|| true`: a missing module command or ROCm module stops the job with status 2."""
+    env = {k: v for k, v in ENV.items() if not k.startswith("BASH_FUNC_")}  # no inherited Lmod `module` function
+    env.update(PATH=f"{tmp_path}{os.pathsep}/usr/bin{os.pathsep}/bin", SLURM_SUBMIT_DIR=str(REPO))
+    if rocm:
+        env["HRVIT_ROCM"] = rocm
+    if module:
+        (tmp_path / "module").write_text(f"#!/bin/sh\n{module}\n")
+        (tmp_path / "module").chmod(0o755)
+    elif shutil.which("module", path=env["PATH"]):
+        pytest.skip("this machine has a module command")
+    proc = subprocess.run(["bash", "launch/frontier.sbatch", RECIPE], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
