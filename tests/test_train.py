@@ -58,16 +58,25 @@ def test_resume_continues_the_same_loss_curve(trained, tmp_path):
     assert json.loads((resumed / "summary.json").read_text())["resumed_from_step"] == 8
 
 
-def test_eval_and_predict_slide(trained, slides, tmp_path):
-    """`hrvit eval` in one process reproduces the Dice that training's evaluation, split over its 2 data-parallel
-    ranks, computed from the same final weights."""
+def test_eval_on_one_and_two_ranks_and_predict_slide(trained, slides, tmp_path):
+    """Evaluation shares its cases among the data-parallel ranks (1 each of the 2 held-out slides here) and adds
+    their Dice counts: `hrvit eval` in one process reproduces the Dice that training's 2-rank evaluation computed
+    from the same final weights, and `hrvit eval` on 2 ranks reproduces the one-process Dice of every case."""
     proc = hrvit("eval", trained)
-    assert "mean Dice" in proc.stdout
-    result = json.loads((trained / "eval.json").read_text())
+    assert "mean Dice" in proc.stdout and "on 1 rank(s)" in proc.stdout
+    one = json.loads((trained / "eval.json").read_text())
     summary = json.loads((trained / "summary.json").read_text())
-    assert result["cases"] >= 1 and result["dice_per_class"].keys() == summary["dice_per_class"].keys()
+    assert one["cases"] == summary["eval_cases"] == 2
+    assert one["dice_per_class"].keys() == summary["dice_per_class"].keys()
     for name, value in summary["dice_per_class"].items():
-        assert result["dice_per_class"][name] == pytest.approx(value, abs=1e-6), name
+        assert one["dice_per_class"][name] == pytest.approx(value, abs=1e-6), name
+    proc = hrvit("eval", trained, ranks=2)
+    two = json.loads((trained / "eval.json").read_text())
+    assert "on 2 rank(s)" in proc.stdout and two["dice_per_case"].keys() == one["dice_per_case"].keys()
+    for case, per_class in one["dice_per_case"].items():
+        for name, value in per_class.items():
+            assert two["dice_per_case"][case][name] == pytest.approx(value, abs=1e-6), (case, name)
+
     image = next(p for p in sorted(slides.parent.glob("*.tiff")) if not p.name.endswith("_mask.tiff"))
     hrvit("predict", trained, "--input", image, "--out", tmp_path)
     written = sorted(p.name for p in tmp_path.iterdir())
@@ -76,22 +85,6 @@ def test_eval_and_predict_slide(trained, slides, tmp_path):
     assert pred.shape == openslide_shape(image)
     values = pred.read((0, 0), pred.shape)
     assert set(np.unique(values).tolist()) <= {0, 1, 2}
-
-
-def test_dp2_evaluation_equals_one_process(trained):
-    """Evaluation shares its cases among the data-parallel ranks (2 each of the 4 training slides here) and
-    adds their Dice counts: the per-case and mean Dice equal a one-process evaluation's."""
-    hrvit("eval", trained, "eval.split=train")
-    one = json.loads((trained / "eval.json").read_text())
-    proc = hrvit("eval", trained, "eval.split=train", ranks=2)
-    two = json.loads((trained / "eval.json").read_text())
-    assert "on 2 rank(s)" in proc.stdout
-    assert one["cases"] == two["cases"] == 4
-    assert two["dice_per_case"].keys() == one["dice_per_case"].keys()
-    for case, per_class in one["dice_per_case"].items():
-        for name, value in per_class.items():
-            assert two["dice_per_case"][case][name] == pytest.approx(value, abs=1e-6), (case, name)
-    assert two["dice_mean"] == pytest.approx(one["dice_mean"], abs=1e-6)
 
 
 def test_fp16_loss_scale_overflows_are_not_bad_steps(slides, tmp_path):

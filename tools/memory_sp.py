@@ -7,10 +7,11 @@ Each SP size runs as its own group of processes (gloo on CPU, NCCL on GPUs; `--b
 the ranks share one GPU): hrvit's own set-up and training step (hrvit/engine/session.py, as
 `hrvit train` runs them): the DeepSpeed engine of the recipe launch/recipes/quickstart.yaml with
 Ulysses attention, one window of `--tokens` uniform tokens that each rank shards before copying
-its slice to the device, one forward + backward of the Dice + CE loss. Activation memory = peak during the step minus what
-the process held just before it (parameters, gradients, inputs): process RSS on CPU (VmHWM,
-reset through /proc/self/clear_refs), torch.cuda.max_memory_allocated on GPU. A warm-up step
-runs first so gradients and kernels are allocated before the measured one.
+its slice to the device, one forward + backward of the Dice + CE loss. Activation memory = peak
+during the step minus what the process held just before it (parameters, gradients, optimizer state,
+inputs): process RSS on CPU (VmHWM, reset through /proc/self/clear_refs),
+torch.cuda.max_memory_allocated on GPU. A warm-up step (with an optimizer step) runs first so
+gradients, optimizer state and kernels are allocated before the measured one.
 
 The last column extrapolates linearly to the sequence that fits a memory budget (--budget-gib):
 attention runs through SDPA without a mask here, whose fused kernels keep memory linear in the
@@ -126,7 +127,8 @@ def _has_gpu() -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=16384, help="sequence length (default 16384), laid out as the most nearly square window")
+    ap.add_argument("--tokens", type=int, default=16384,
+                    help="sequence length (default 16384), laid out as the most nearly square window")
     ap.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="SP sizes to measure (default 1 2 4)")
     ap.add_argument("--preset", default="nano", help="model preset (default nano)")
     ap.add_argument("--patch", type=int, default=16, help="patch size p (default 16)")

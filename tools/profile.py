@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parent.parent
 # this file's folder is sys.path[0]: left there, "profile" would shadow the standard library's (cProfile needs it)
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "tools"]
 
-from hrvit.config import Config, deepspeed_config, load_config, parse_override, zero_stage  # noqa: E402
+from hrvit.config import Config, load_config, parse_override, zero_stage  # noqa: E402
 from hrvit.errors import ConfigError, HrvitError  # noqa: E402
 from hrvit.parallel.dist import release_shm_buffers  # noqa: E402
 

@@ -136,7 +136,8 @@ def selection_model(cfg: Config, engine) -> IPSClassifier:
     passes need no collectives, as ranks score different numbers of chunks)."""
     from hrvit.engine.session import whole_model
 
-    return whole_model(engine, lambda: build_classifier(cfg, getattr(engine, "module", engine).embedder.encoder.in_chans))
+    channels = getattr(engine, "module", engine).embedder.encoder.in_chans
+    return whole_model(engine, lambda: build_classifier(cfg, channels))
 
 
 def batch_loss(cfg: Config, engine, batch: dict) -> torch.Tensor:
