@@ -88,15 +88,16 @@ def assert_same_eval(ref: dict, got: dict) -> None:
 
 @pytest.fixture(scope="module")
 def references(slides, tmp_path_factory):
-    """One-process runs, made once per ZeRO stage and shared by the tests that compare against them."""
+    """One-process runs, made once per patching mode and shared by the tests that compare against them.
+    One process does the same arithmetic at every ZeRO stage (ZeRO-1 and -3 against -2 over these 5 steps:
+    identical losses, parameters within 1.2e-7), so the ZeRO-2 run is the reference for SP runs at any stage."""
     cache = {}
 
-    def get(stage: int, patching: str) -> dict:
-        if (stage, patching) not in cache:
-            cache[stage, patching] = probe(tmp_path_factory.mktemp(f"ref{stage}{patching}"), *SMALL,
-                                           *PATCHING[patching], f"data.manifest={slides}",
-                                           f"deepspeed.config=ds_configs/zero{stage}.json")
-        return cache[stage, patching]
+    def get(patching: str) -> dict:
+        if patching not in cache:
+            cache[patching] = probe(tmp_path_factory.mktemp(f"ref{patching}"), *SMALL, *PATCHING[patching],
+                                    f"data.manifest={slides}", "deepspeed.config=ds_configs/zero2.json")
+        return cache[patching]
 
     return get
 
@@ -106,17 +107,17 @@ def references(slides, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, checkpoint, patching", [
-    (1, False, "uniform"), (2, False, "uniform"), (3, True, "uniform"), (2, True, "adaptive")])
+    (2, False, "uniform"), (3, True, "uniform"), (2, True, "adaptive")])
 def test_sp2_training_matches_one_process(references, slides, tmp_path, stage, checkpoint, patching):
-    """SP = 2 on 2 ranks vs 1 process on the same data, ZeRO 1/2/3, 5 steps: losses and every
-    parameter within 1e-5, parameters bit-identical on both SP ranks, the same full-resolution Dice.
+    """SP = 2 on 2 ranks vs 1 process on the same data, ZeRO 2/3 (ZeRO-1: the DP x SP test), 5 steps: losses
+    and every parameter within 1e-5, parameters bit-identical on both SP ranks, the same full-resolution Dice.
     Activation checkpointing is on in some runs and off in others: both match one process."""
     got = probe(tmp_path, *SMALL, *PATCHING[patching], f"data.manifest={slides}",
                 f"deepspeed.config=ds_configs/zero{stage}.json", "parallel.sp_size=2",
                 f"model.checkpoint_activations={str(checkpoint).lower()}", ranks=2)
     assert got["summary"]["sp_size"] == 2 and got["summary"]["dp_size"] == 1
     assert got["summary"]["patching"] == patching
-    ref = references(stage, patching)
+    ref = references(patching)
     assert_same_training(ref, got)
     assert_ranks_identical(got)
     assert_same_eval(ref, got)
@@ -124,9 +125,10 @@ def test_sp2_training_matches_one_process(references, slides, tmp_path, stage, c
 
 @pytest.mark.slow
 def test_dp2_x_sp2_on_4_ranks_matches_dp2(slides, tmp_path):
-    """4 ranks as 2 data-parallel x 2 sequence-parallel vs 2 data-parallel ranks (ZeRO-2, 2 micro-batches
+    """4 ranks as 2 data-parallel x 2 sequence-parallel vs 2 data-parallel ranks (ZeRO-1, 2 micro-batches
     accumulated per step): losses and parameters within 1e-5, identical on all 4 ranks."""
-    common = [*SMALL, f"data.manifest={slides}", "eval.max_cases=0", "train.micro_batch=1", "train.grad_accum=2"]
+    common = [*SMALL, f"data.manifest={slides}", "eval.max_cases=0", "train.micro_batch=1", "train.grad_accum=2",
+              "deepspeed.config=ds_configs/zero1.json"]
     ref = probe(tmp_path / "dp2", *common, ranks=2)
     got = probe(tmp_path / "dp2sp2", *common, "parallel.sp_size=2", ranks=4)
     assert got["summary"]["dp_size"] == 2 and got["summary"]["world_size"] == 4
@@ -151,7 +153,7 @@ def test_bf16_training_stays_close_to_fp32(references, slides, tmp_path):
     """bf16 through the DeepSpeed config (DeepSpeed's CPU accelerator trains in it) against the fp32 run of the
     same 5 steps: losses within 5e-3 (measured: 8e-4), parameters within 1e-2 (bf16 rounds a weight of size 1
     to about 4e-3; measured: 3.9e-3), full-resolution Dice within 0.02."""
-    ref = references(2, "uniform")
+    ref = references("uniform")
     got = probe(tmp_path, *SMALL, f"data.manifest={slides}", "deepspeed.config=ds_configs/zero2.json",
                 "deepspeed.overrides.bf16.enabled=true")
     assert got["summary"]["precision"] == "bf16" and ref["summary"]["precision"] == "fp32"
@@ -214,7 +216,7 @@ def _model_worker(rank, world, port, ndim, checkpoint):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ndim, checkpoint", [(2, False), (2, True), (3, True)])
+@pytest.mark.parametrize("ndim, checkpoint", [(3, True)])  # 2-D, with and without checkpointing: end to end above
 def test_ulysses_model_matches_one_process(ndim, checkpoint):
     """Whole model (encoder with Ulysses attention + per-token decoder + Dice/CE from summed counts),
     with padding inside the sequence and drop-path on: logits, loss and summed gradients on 2 ranks
