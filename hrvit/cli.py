@@ -228,10 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth,
                "patchify": cmd_patchify, "check-data": cmd_check_data}[args.command]
     try:
-        return command(args)
+        code = command(args)
     except HrvitError as err:
         print(f"hrvit {args.command}: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        code = 2
+    from hrvit.parallel.dist import leave
+
+    return leave(code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Test helper: `hrvit train` in this process, then every rank saves its full fp32 parameters.
 
-    [launcher] python tests/sp_probe.py OUT_DIR CONFIG [key=value ...]
+    python tests/sp_probe.py OUT_DIR CONFIG [key=value ...]
 
 Runs the real training (hrvit.engine.trainer.train) and keeps a handle on the DeepSpeed engine
 it creates, so tests can compare parameters across runs and across the ranks of one run:
@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from hrvit.config import load_config
 from hrvit.engine.trainer import train
+from hrvit.parallel.dist import release_shm_buffers
 
 
 def main() -> None:
@@ -38,6 +39,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.save(state, out / f"params_rank{dist.get_rank()}.pt")
     dist.barrier()
+    release_shm_buffers()  # as `hrvit train` does
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,22 +1,21 @@
 """Sequence parallelism (Ulysses) with ZeRO, proven equal to one process.
 
 The end-to-end tests run the real training (tests/sp_probe.py wraps `hrvit train` and saves each
-rank's parameters) under the deepspeed launcher, on CPU/gloo; launchers are in tests/test_launch.py.
+rank's parameters) on real processes started as the deepspeed launcher starts them, on CPU/gloo;
+launchers are in tests/test_launch.py.
 Uniform windows of 56 px at p = 8 give 49 tokens and the adaptive budget is 47 tokens (real leaves
 then masked padding): odd counts, so SP = 2 always pads the sequence too.
 """
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import PY, REPO, TINY, free_port, hrvit
+from conftest import PY, TINY, free_port, hrvit, run
 
 from hrvit.errors import ConfigError
-from hrvit.parallel.dist import release_shm_buffers
 from hrvit.parallel.shard import shard_batch
 from hrvit.parallel.topology import check_parallel
 
@@ -30,9 +29,6 @@ VOLUME = [*TINY, "parallel.sp_size=1", "patching.mode=uniform", "data.window=12"
 """3-D: 12^3 windows at p = 4 give 27 tokens (odd, so SP = 2 pads)."""
 PATCHING = {"uniform": [], "adaptive": ["patching.mode=adaptive", "patching.tokens=47", "data.window=null"]}
 """Adaptive: quadtree leaves of each whole 192^2 slide, 47 tokens per sample."""
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-    ENV.pop(_name, None)
 
 
 # ---------------------------------------------------------------- helpers
@@ -40,23 +36,10 @@ for _name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
 
 def probe(out: Path, *overrides, ranks: int = 1, recipe: str = RECIPE) -> dict:
     """Train with tests/sp_probe.py on `ranks` processes; returns losses, summary and each rank's parameters."""
-    script = ["tests/sp_probe.py", str(out), recipe, f"output.dir={out / 'run'}", *map(str, overrides)]
-    if ranks == 1:
-        cmd = [PY, *script]
-    else:
-        port = free_port()
-        cmd = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", str(ranks), "--master_port", str(port),
-               *script]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=400)
-    finally:
-        if ranks > 1:
-            release_shm_buffers(port)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    run = out / "run"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run([PY, "tests/sp_probe.py", out, recipe, f"output.dir={out / 'run'}", *overrides], ranks=ranks)
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     return {"losses": {r["step"]: r["loss"] for r in rows if "loss" in r},
-            "summary": json.loads((run / "summary.json").read_text()),
+            "summary": json.loads((out / "run" / "summary.json").read_text()),
             "params": [torch.load(out / f"params_rank{r}.pt") for r in range(ranks)]}
 
 

@@ -170,4 +170,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from hrvit.parallel.dist import leave
+
     main()
+    leave(0)

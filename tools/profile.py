@@ -754,4 +754,7 @@ def _config_error(recipe: str, overrides: list[str], point: dict) -> str | None:
 
 
 if __name__ == "__main__":
+    from hrvit.parallel.dist import leave
+
     main()
+    leave(0)

@@ -105,7 +105,6 @@ def environment(world: int) -> dict:
     """What reproduces the run besides config.yaml: versions, git commit, command line, host."""
     import deepspeed
     import numpy
-    import timm
 
     from hrvit import __version__
 
@@ -118,7 +117,7 @@ def environment(world: int) -> dict:
 
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"hrvit": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "timm": timm.__version__, "numpy": numpy.__version__,
+            "deepspeed": deepspeed.__version__, "numpy": numpy.__version__,
             "git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
             "argv": sys.argv, "host": platform.node(), "world_size": world,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -372,8 +371,9 @@ def finish(session: Session, run: Path, log: RunLog, result: dict, counts: dict,
     log.close()
     if session.rank == 0:
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
+        picture = f", picture in {run / 'prediction.png'}" if cfg.output.picture and summary["eval_cases"] else ""
         log.info(f"hrvit: {session.task.score(summary)} over {summary['eval_cases']} held-out case(s); "
-                 f"summary in {run / 'summary.json'}, picture in {run / 'prediction.png'}")
+                 f"summary in {run / 'summary.json'}{picture}")
     comm.barrier()
     return summary if session.rank == 0 else None
 

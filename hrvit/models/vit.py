@@ -2,7 +2,7 @@
 
 Tokens are leaves of a quadtree/octree, not cells of a grid: each carries its own box, so
 position comes from the box (Fourier features of centre and scale), not a learned grid
-table, and the model is permutation-equivariant over tokens. Blocks are timm's, so timm
+table, and the model is permutation-equivariant over tokens. Blocks have timm's layout, so timm
 ViT checkpoints load by name. Attention's softmax step is a swappable callable (`core`)
 in the [B, L, H, Dh] layout of DeepSpeed-Ulysses, which is where sequence parallelism
 plugs in (hrvit/parallel); this file knows nothing about process groups.
@@ -13,13 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -47,35 +44,58 @@ def local_attention(
     return out.transpose(1, 2)
 
 
-class TokenAttention(Attention):
-    """timm Attention (same parameters, so checkpoints load) whose softmax step is `self.core`.
+class TokenAttention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (qkv, proj), so timm checkpoints load; the softmax
+    step is the swappable `self.core`, which takes the key mask [B, L_full] bool (True = real token)."""
 
-    timm's Block passes its `attn_mask` argument through: here that is the key mask
-    [B, L_full] bool, not an additive bias.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
         self.core: AttentionCore = local_attention
 
-    def forward(
-        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
-    ) -> Tensor:
-        if is_causal:
-            raise ValueError(
-                "tokens of an image have no order: causal attention is meaningless here"
-            )
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
         B, N, _ = x.shape
-        gate = getattr(self, "gate", None)
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = self.core(q, k, v, attn_mask).reshape(
-            B, N, self.num_heads * self.head_dim
-        )
-        out = getattr(self, "norm", nn.Identity())(out)
-        if gate is not None:
-            out = out * gate(x).sigmoid()
-        return self.proj_drop(self.proj(out))
+        return self.proj(self.core(q, k, v, key_valid).reshape(B, N, self.num_heads * self.head_dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with stochastic depth, laid out as timm's ViT Block (norm1, attn, norm2, mlp) so
+    its checkpoints load by name; hrvit's own code, which keeps timm (and the torchvision and torch._dynamo it
+    imports, ~3 s per process) out of every rank's start-up. tests/test_models.py checks it equals timm's Block."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = TokenAttention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        x = x + self._drop(self.attn(self.norm1(x), key_valid))
+        return x + self._drop(self.mlp(self.norm2(x)))
+
+    def _drop(self, x: Tensor) -> Tensor:
+        """Stochastic depth: in training, each sample's residual branch is dropped with probability drop_path and
+        the kept ones scaled by 1 / (1 - drop_path)."""
+        if not self.training or self.drop_path == 0.0:
+            return x
+        keep = 1.0 - self.drop_path
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
 
 
 class TokenEmbed(nn.Module):
@@ -166,7 +186,7 @@ def check_encoder_config(
 
 
 class ViTEncoder(nn.Module):
-    """timm ViT blocks over adaptive tokens; returns the hidden states after d/4, d/2, 3d/4
+    """ViT blocks (timm's layout) over adaptive tokens; returns the hidden states after d/4, d/2, 3d/4
     and d blocks (the last after the final norm), each [B, L, dim]. No cls token."""
 
     def __init__(
@@ -204,15 +224,7 @@ class ViTEncoder(nn.Module):
         # stochastic depth grows with depth, as in timm
         drop = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(
-                embed_dim,
-                num_heads,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                drop_path=drop[i],
-                norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                attn_layer=TokenAttention,
-            )
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop[i])
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -265,7 +277,7 @@ class ViTEncoder(nn.Module):
 def _init_linear(m: nn.Module) -> None:
     """timm's ViT init for Linear layers (truncated normal, std 0.02, zero bias)."""
     if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
+        nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
 
