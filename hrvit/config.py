@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ class DataConfig:
     summary.json) instead of stopping the run; the substitute sample is drawn deterministically."""
     allow_outside_root: bool = False
     """Let manifest paths lead outside the manifest's folder ('..' or absolute paths)."""
+    allow_split_overlap: bool = False
+    """Accept the same image file (or identical pixels) in two splits; otherwise that is an error, since the
+    validation Dice would then be measured on training data."""
 
 
 @dataclass
@@ -422,6 +426,22 @@ def _validate_adaptive(a: PatchingConfig, need) -> None:
     need(a.min_leaf is None or a.max_leaf is None or a.min_leaf <= a.max_leaf,
          f"patching.min_leaf: {a.min_leaf} is larger than patching.max_leaf ({a.max_leaf})")
     need(0.0 <= a.jitter <= 3.0, f"patching.jitter: {a.jitter} must lie in [0, 3]")
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """`path` as a folder this process can create or write into, or a ConfigError naming `what` (the key or
+    option): empty, an existing file, under a file, or in a folder without write permission."""
+    if str(path).strip() == "":
+        raise ConfigError(f"{what}: empty; give a folder path")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what}: {path} is a file, not a folder")
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{what}: {path} lies under {existing}, which is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: cannot write into {existing} (permission denied); choose another folder")
+    return path
 
 
 def resolve_path(path: str | Path) -> Path:
