@@ -3,8 +3,8 @@
     hrvit train CONFIG [key=value ...]        train (one process, or under deepspeed/srun)
     hrvit train --resume RUN_DIR [key=value ...]   continue a run from its newest complete checkpoint
     hrvit check-data CONFIG [key=value ...]   validate every case of a dataset; table of problems
-    hrvit eval RUN_DIR [key=value ...]        full-resolution Dice (classify: accuracy) of a trained run
-    hrvit predict RUN_DIR --input PATH --out DIR   full-resolution prediction + PNG overlay
+    hrvit eval RUN_DIR [key=value ...] [--checkpoint TAG]   full-resolution Dice (classify: accuracy) of a run
+    hrvit predict RUN_DIR --input PATH --out DIR [--checkpoint TAG]   full-resolution prediction + PNG overlay
     hrvit synth {slides,volumes,megapixel} --out DIR    deterministic synthetic data
     hrvit patchify INPUT --out overlay.png [--json STATS]   adaptive tokens of one image, drawn
 """
@@ -17,10 +17,13 @@ import logging
 import sys
 from pathlib import Path
 
-from hrvit.errors import HrvitError
+from hrvit.errors import PREEMPTED_EXIT, HrvitError
 
-PREEMPTED_EXIT = 75
 """`hrvit train` exit status after SIGTERM/SIGUSR1 and a complete checkpoint (EX_TEMPFAIL): requeue the job."""
+
+
+CHECKPOINT_HELP = ("checkpoint to use: a tag in RUN_DIR/checkpoints (e.g. step0000008) or a checkpoint folder; "
+                   "default: the newest complete one")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe",
-                       epilog=f"exit status {PREEMPTED_EXIT}: stopped by SIGTERM/SIGUSR1 after a checkpoint; "
+                       epilog=f"exit status {PREEMPTED_EXIT}: stopped by SIGTERM/SIGUSR1/SIGINT after a checkpoint; "
                               "requeue the job with --resume RUN_DIR")
     t.add_argument("config", nargs="?", help="YAML recipe, e.g. launch/recipes/quickstart.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 output.dir=runs/x")
@@ -49,12 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--selection", choices=["top", "random"], default="top",
                    help="task: classify: give the model its top ips.memory patches (default) or as many drawn at "
                         "random, the baseline that shows what selection is worth (eval_random_selection.json)")
+    e.add_argument("--checkpoint", default=None, metavar="TAG_OR_PATH", help=CHECKPOINT_HELP)
 
     r = sub.add_parser("predict", help="predict full-resolution labels for images")
     r.add_argument("run", type=Path, help="run folder (holds config.yaml and checkpoints/)")
     r.add_argument("--input", type=Path, nargs="+", required=True,
                    help="an image (slide, NIfTI, PNG/npy); for multi-file volumes give every channel file")
     r.add_argument("--out", type=Path, required=True, help="output folder")
+    r.add_argument("--checkpoint", default=None, metavar="TAG_OR_PATH", help=CHECKPOINT_HELP)
 
     s = sub.add_parser("synth", help="write deterministic synthetic data")
     s.add_argument("kind", choices=["slides", "volumes", "megapixel"],
@@ -63,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, required=True, help="output folder")
     s.add_argument("--n", type=int, default=8, help="number of cases (default 8)")
     s.add_argument("--size", type=int, default=None,
-                   help="slide or canvas edge in pixels (default 1024) or volume edge in voxels (default 64)")
+                   help="slide or canvas edge in pixels (default 1024, at least 64) or volume edge in voxels "
+                        "(default 64, at least 16)")
     s.add_argument("--seed", type=int, default=0)
 
     a = sub.add_parser("patchify", help="adaptive patching of one image: leaf outlines and token statistics")
@@ -141,17 +147,28 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from hrvit.engine import checkpoint
     from hrvit.engine.session import start
-    from hrvit.engine.trainer import load_weights
+    from hrvit.engine.trainer import CHECKPOINTS, load_weights
 
     # evaluation needs no sequence parallelism: every rank runs whole windows, the cases shared among the ranks
     cfg = _run_config(args.run, [*args.overrides, "parallel.sp_size=1"])
     if args.selection == "random" and cfg.task != "classify":
         raise HrvitError("--selection random: only for task: classify runs (iterative patch selection)")
+    # a missing or damaged checkpoint is found before the data are checked, which can take long
+    ckpt = checkpoint.choose(args.run / CHECKPOINTS, args.checkpoint)
+    checkpoint.check_files(ckpt, checkpoint.INFER_WITH)
+    data = f"data.manifest={cfg.data.manifest}" if cfg.data.layout == "manifest" else f"data.root={cfg.data.root}"
     try:
         session = start(cfg)
         specs = session.check_data()
-        model = load_weights(args.run, cfg, session.ndim, session.channels, session.device)
+        model = load_weights(args.run, cfg, session.ndim, session.channels, session.device, ckpt=ckpt,
+                             what=f"the cases of {data}", fix="; evaluate with the data of the run's own config.yaml")
+        if cfg.eval.max_cases == 0:
+            raise HrvitError("eval.max_cases=0 evaluates no case; give a count, or null for all")
+        if not any(s.split == cfg.eval.split for s in specs):
+            raise HrvitError(f"eval.split={cfg.eval.split!r}: no case of the data is in that split (their splits: "
+                             f"{', '.join(sorted({s.split for s in specs}))})")
         extra = {} if args.selection == "top" else {"selection": args.selection}
         result = session.task.evaluate(session, model, specs, None, -1, **extra)
     finally:
@@ -162,7 +179,7 @@ def cmd_eval(args) -> int:
     if session.rank == 0:
         out.write_text(json.dumps(result, indent=2))
         print(f"{session.task.score(result)} over {result['cases']} case(s) of split '{cfg.eval.split}' "
-              f"on {session.world} rank(s); written to {out}")
+              f"on {session.world} rank(s), checkpoint {ckpt.name}; written to {out}")
     return 0
 
 
@@ -170,7 +187,7 @@ def cmd_predict(args) -> int:
     from hrvit.engine.predict import predict_files
 
     cfg = _run_config(args.run, [])
-    for path in predict_files(args.run, cfg, [args.input], args.out):
+    for path in predict_files(args.run, cfg, [args.input], args.out, ckpt=args.checkpoint):
         print(f"wrote {path}")
     return 0
 
@@ -180,6 +197,9 @@ def cmd_synth(args) -> int:
 
     if args.n < 1:
         raise HrvitError(f"--n: {args.n} must be >= 1")
+    smallest = {"slides": 64, "megapixel": 64, "volumes": 16}[args.kind]
+    if args.size is not None and args.size < smallest:
+        raise HrvitError(f"--size: {args.size} is too small for synthetic {args.kind} (at least {smallest})")
     if args.kind == "slides":
         path = make_slides(args.out, n=args.n, size=args.size or 1024, seed=args.seed,
                            progress=lambda i, n: print(f"slide {i}/{n}", flush=True))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
+import math
 import os
 import types
 import typing
@@ -150,6 +152,10 @@ class TrainConfig:
     """Complete checkpoints kept in output.dir/checkpoints; older ones are deleted (0 = keep all)."""
     max_bad_steps: int = 5
     """Steps in a row with a non-finite loss or gradients that are skipped (no update) before the run stops."""
+    stop_grace_s: float = 90.0
+    """After SIGTERM/SIGUSR1/SIGINT, seconds the running step and its checkpoint may take; past them (or on a
+    second such signal) the run exits at once (status 75) and resumes from its last complete checkpoint. Keep
+    it below the scheduler's warning time (launch/*.sbatch: 120 s)."""
 
 
 @dataclass
@@ -259,6 +265,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number")
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -382,6 +390,7 @@ def validate(cfg: Config) -> None:
     need(t.ckpt_every >= 0, "train.ckpt_every: must be >= 0")
     need(t.keep_last >= 0, f"train.keep_last: {t.keep_last} must be >= 0")
     need(t.max_bad_steps >= 1, f"train.max_bad_steps: {t.max_bad_steps} must be >= 1")
+    need(t.stop_grace_s > 0, f"train.stop_grace_s: {t.stop_grace_s} must be > 0")
     need(t.dice_weight >= 0 and t.ce_weight >= 0 and t.dice_weight + t.ce_weight > 0,
          "train.dice_weight/train.ce_weight: must be >= 0 and not both 0")
     need(cfg.parallel.sp_size >= 1, f"parallel.sp_size: {cfg.parallel.sp_size} must be >= 1")
@@ -395,6 +404,7 @@ def validate(cfg: Config) -> None:
         need(v is None or v >= 1, f"model.{key}: {v} must be >= 1")
     ds_path = resolve_path(cfg.deepspeed.config)
     need(ds_path.is_file(), f"deepspeed.config: {cfg.deepspeed.config} not found (e.g. ds_configs/zero2.json)")
+    check_writable_dir(cfg.output.dir, "output.dir")
 
 
 def patching_config(values: dict) -> PatchingConfig:
@@ -483,7 +493,11 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"deepspeed.config: {path} holds a JSON {type(ds).__name__}; expected an object "
+                          '({"zero_optimization": {...}, ...})')
     ds = _merge(ds, cfg.deepspeed.overrides)
+    check_deepspeed_keys(ds, f"{path.name} with deepspeed.overrides")
     t = cfg.train
     derived = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -514,6 +528,72 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+_DS_SECTIONS = {"zero_optimization": ("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),
+                "fp16": ("deepspeed.runtime.precision_config", "DeepSpeedFP16Config"),
+                "bf16": ("deepspeed.runtime.precision_config", "DeepSpeedBF16Config")}
+"""Sections DeepSpeed checks with a pydantic model that forbids unknown keys (at engine start, as a traceback)."""
+
+
+def check_deepspeed_keys(ds: dict, where: str) -> None:
+    """Refuse a key DeepSpeed would ignore (a misspelt top-level section: DeepSpeed reads the keys it knows and
+    drops the rest, so `zero_optimisation` would silently train ZeRO-0) or reject later with a traceback (a
+    misspelt key inside zero_optimization, fp16 or bf16), naming it and the closest valid key."""
+    import importlib
+
+    known = _deepspeed_top_keys()
+    for key in ds:
+        if key not in known and not _in_deepspeed_source(key):
+            raise ConfigError(f"deepspeed: unknown key '{key}' in {where}{_suggest(key, sorted(known), '')}")
+    from pydantic import BaseModel, ValidationError
+
+    for section, (module, name) in _DS_SECTIONS.items():
+        if not isinstance(ds.get(section), dict):
+            continue
+        model = getattr(importlib.import_module(module), name)
+        try:
+            model(**ds[section])
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = [str(part) for part in first["loc"]]
+            if first["type"] != "extra_forbidden":
+                raise ConfigError(f"deepspeed: {section}.{'.'.join(loc)} in {where}: {first['msg']} "
+                                  f"(got {first.get('input')!r})") from None
+            for part in loc[:-1]:  # the model of the nested section holding the unknown key
+                field = model.model_fields.get(part)
+                inner = getattr(field, "annotation", None) if field else None
+                model = next((t for t in (inner, *get_args(inner)) if isinstance(t, type)
+                              and issubclass(t, BaseModel)), model)
+            valid = sorted({*model.model_fields, *(f.alias for f in model.model_fields.values() if f.alias)})
+            prefix = f"{section}.{'.'.join(loc[:-1])}." if len(loc) > 1 else f"{section}."
+            raise ConfigError(f"deepspeed: unknown key '{prefix}{loc[-1]}' in {where}"
+                              f"{_suggest(loc[-1], valid, prefix)}") from None
+
+
+@functools.cache
+def _deepspeed_top_keys() -> frozenset[str]:
+    """Key names DeepSpeed defines as constants (its config is read key by key, with no schema of its own)."""
+    import sys
+
+    import deepspeed.runtime.config  # noqa: F401  (imports the modules that define the config keys)
+
+    return frozenset(v for name, mod in list(sys.modules.items()) if name.startswith("deepspeed") and mod
+                     for k, v in vars(mod).items() if k.isupper() and isinstance(v, str) and v.isidentifier())
+
+
+@functools.cache
+def _deepspeed_source() -> str:
+    import deepspeed
+
+    root = Path(deepspeed.__file__).parent
+    return "\n".join(p.read_text(errors="replace") for p in root.rglob("*.py") if "ops" not in p.parts)
+
+
+def _in_deepspeed_source(key: str) -> bool:
+    """Whether DeepSpeed's code names `key` as a string at all (tensorboard, wandb, ... are not constants)."""
+    text = _deepspeed_source()
+    return f'"{key}"' in text or f"'{key}'" in text
 
 
 def zero_stage(ds: dict) -> int:

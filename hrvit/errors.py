@@ -11,3 +11,8 @@ class ConfigError(HrvitError):
 
 class DataError(HrvitError):
     """An input file is missing, unreadable or inconsistent; the message names the file."""
+
+
+PREEMPTED_EXIT = 75
+"""Exit status of a run stopped by a signal with its last complete checkpoint intact (EX_TEMPFAIL): the sbatch
+scripts requeue the job on it."""

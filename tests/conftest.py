@@ -1,3 +1,4 @@
+import inspect
 import os
 import pathlib
 import socket
@@ -9,6 +10,19 @@ import time
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+PROCESS_CALLS = ("hrvit(", "run(", "_start(", "probe(", "profile(", "spawn(")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `slow` every test that starts processes (it calls one of PROCESS_CALLS or uses the `trained` run), so
+    `-m "not slow"` is the fast subset: everything that runs in the test process itself."""
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function else ""
+        if "trained" in getattr(item, "fixturenames", ()) or any(call in source for call in PROCESS_CALLS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

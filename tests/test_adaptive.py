@@ -204,18 +204,24 @@ def test_pyramid_native_reads_few_level0_pixels(big_slide):
     assert seq.meta["level0_fraction_read"] < 0.05 and max(seq.meta["pixels_read"]) == 3  # working map: level 3
     read = sum(seq.meta["pixels_read"].values())
     assert read < 0.05 * 2048**2  # every level together, the working map included
-    # each leaf is read from the level whose downsample is the largest not above size / p (this pyramid
-    # stops at 8); each level is rendered on its own, so the leaf's colour matches the level-0 area
-    # mean, its pixels need not
+    # each leaf is read from the level whose downsample is the largest not above size / p: this pyramid halves
+    # 2048 exactly down to level 3 (downsample 8), so level log2(size / p), at most 3, holding size / 2^level
+    # pixels (worked out here, not asked of best_level); each level is rendered on its own, so the leaf's
+    # colour matches the level-0 area mean, its pixels need not
+    assert source.level_shapes == [(2048 >> k, 2048 >> k) for k in range(4)]
     full = torch.from_numpy(source.read((0, 0), (2048, 2048)))
+    w = seq.meta["working_pixel"]
+    expected = {min(3, int(math.log2(w))): (2048 // w) ** 2}  # the working map, w level-0 px a pixel
     for i in range(256):
         (y, x), size = seq.boxes[i, :2].tolist(), int(seq.boxes[i, 2])
-        level = source.best_level(size / 16)
-        n = int(size // source.level_downsamples[level])
+        level = min(3, int(math.log2(size // 16)))
+        n = size >> level
         direct = F.avg_pool2d(torch.from_numpy(source.read_level(level, (y, x), (n, n))), n // 16)
         assert torch.allclose(seq.pixels[i], direct, atol=1e-6)
         ref = _reference_token(full, (y, x), size, 16)
         assert (seq.pixels[i].mean((1, 2)) - ref.mean((1, 2))).abs().max() < 0.05, (i, size)
+        expected[level] = expected.get(level, 0) + n * n
+    assert seq.meta["pixels_read"] == expected  # no leaf read from another level, nor twice
     assert set(seq.target.unique().tolist()) <= {0, 1, 2}
 
 

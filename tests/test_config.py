@@ -1,6 +1,9 @@
 """Config: YAML + dotted overrides, typo suggestions, type and combination errors, DeepSpeed derivation."""
 
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -36,6 +39,11 @@ def test_resolved_yaml_reproduces_the_config(tmp_path):
     ("deepspeed.config=ds_configs/zero9.json", "deepspeed.config: ds_configs/zero9.json not found"),
     ("train.warmup_steps=-1", "train.warmup_steps: -1 must be >= 0"),
     ("train", "override 'train': expected key=value"),
+    ("train.lr=.inf", "train.lr: inf is not a finite number"),
+    ("data.foreground_bias=.nan", "data.foreground_bias: nan is not a finite number"),
+    ("output.dir=", "output.dir: empty; give a folder path"),
+    ("output.dir=README.md", "output.dir: README.md is a file, not a folder"),
+    ("output.dir=README.md/run", "output.dir: README.md/run lies under"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -95,3 +103,50 @@ def test_every_option_is_documented_in_the_readme():
     assert all(not row.endswith("|  |") for row in table.splitlines()), "a config key has no docstring"
     readme = pathlib.Path("README.md").read_text()
     assert table in readme, "README config reference is stale: run tools/config_reference.py"
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"zero_optimisation": {"stage": 3}}, "unknown key 'zero_optimisation' in zero2.json with deepspeed.overrides "
+     "(did you mean 'zero_optimization'?)"),
+    ({"zero_optimization": {"stagee": 3}}, "unknown key 'zero_optimization.stagee' .* (did you mean "
+     "'zero_optimization.stage'?)"),
+    ({"zero_optimization": {"offload_optimizer": {"devce": "cpu"}}}, "did you mean "
+     "'zero_optimization.offload_optimizer.device'"),
+    ({"fp16": {"enabld": True}}, "did you mean 'fp16.enabled'"),
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage in zero2.json with deepspeed.overrides: "),
+])
+def test_deepspeed_keys_deepspeed_would_ignore_or_reject_late_are_errors(overrides, expected):
+    """DeepSpeed drops top-level keys it does not know (a misspelt ZeRO section trained ZeRO-0) and rejects a bad
+    key inside zero_optimization/fp16/bf16 only when the engine starts, as a traceback."""
+    cfg = load_config(RECIPE)
+    cfg.deepspeed.overrides = overrides
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg, dp_size=1)
+    assert re.search(re.escape(expected).replace(re.escape(".*"), ".*"), str(err.value)), str(err.value)
+    cfg.deepspeed.overrides = {"tensorboard": {"enabled": False}, "zero_optimization": {"overlap_comm": True},
+                               "bf16": {"enabled": False}, "comms_logger": {"enabled": False}}
+    deepspeed_config(cfg, dp_size=1)  # real keys, constants or not, pass
+
+
+def test_a_deepspeed_json_that_is_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="list.json holds a JSON list; expected an object"):
+        deepspeed_config(load_config(RECIPE, [f"deepspeed.config={path}"]), dp_size=1)
+
+
+def test_manifest_header_spaces_and_byte_order_mark_are_read(tmp_path):
+    from hrvit.data.datasets import discover
+
+    for name in ("a.tiff", "a_mask.tiff"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "m.csv").write_text("\ufeffimage, label , split\na.tiff , a_mask.tiff, train\n", encoding="utf-8")
+    (spec,) = discover("manifest", manifest=tmp_path / "m.csv")
+    assert spec.image == [tmp_path / "a.tiff"] and spec.label == tmp_path / "a_mask.tiff" and spec.split == "train"
+
+
+def test_synth_sizes_too_small_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "hrvit", "synth", "slides", "--out", "/nonexistent/x", "--size",
+                           "-5"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--size: -5 is too small for synthetic slides (at least 64)" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,5 +1,6 @@
 """Iterative patch selection: exact top-M with one head, bounded memory, masked padding, the MIL head."""
 
+import gc
 import json
 import shutil
 
@@ -45,15 +46,41 @@ def test_single_head_chunked_selection_is_the_global_top_m(chunk):
         assert torch.equal(seq.pixels[i], image[:, y:y + S, x:x + S])  # pixels travel with their box
 
 
+def _patch_storages():
+    """{address: patches' worth} of the storage of every live tensor of 3 x S x S float patches."""
+    tensor = torch.Tensor
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() // (3 * S * S * 4)
+            for t in gc.get_objects() if type(t) is tensor and t.shape[-3:] == (3, S, S)}
+
+
 def test_memory_never_holds_more_than_m_plus_i_patches():
-    model, image = _model(heads=4), _image(256, 256)
-    boxes = grid_boxes(image.shape[1:], S)
-    reads = []
-    seq, stats = select_patches(_reader(image, reads), boxes, lambda p, b: model.score(p, b, image.shape[1:]),
-                                memory=10, chunk=24, image_shape=image.shape[1:])
-    assert stats.candidates == len(boxes) == 256 and stats.chunks == 11
-    assert stats.peak_patches <= 10 + 24 and max(reads) <= 24 and sum(reads) == 256
-    assert len(seq) == 10 and seq.valid.all()
+    """Counted from the tensors alive at each score call (not from select_patches' own figure); with `embed`,
+    each candidate is embedded once and the kept ones' embeddings are reused, for the same selection."""
+    model, image = _model(heads=4), _image(160, 160)
+    boxes, shape = grid_boxes(image.shape[1:], S), image.shape[1:]
+    embedded, runs = [], {}
+
+    def embed(p):
+        embedded.append(len(p))
+        return model.embedder(p)
+
+    for cached in (False, True):
+        gc.collect()
+        before, alive, reads = _patch_storages(), [], []  # the image (the reader's views) and older tensors
+        score = model.score_embedded if cached else model.score
+
+        def watched(x, b, score=score, before=before, alive=alive):
+            alive.append(sum(n for ptr, n in _patch_storages().items() if ptr not in before))
+            return score(x, b, shape)
+
+        seq, stats = select_patches(_reader(image, reads), boxes, watched, memory=10, chunk=24, image_shape=shape,
+                                    embed=embed if cached else None)
+        assert stats.candidates == len(boxes) == 100 and stats.chunks == 5
+        assert max(alive) == stats.peak_patches == 10 + 24 and max(reads) <= 24 and sum(reads) == 100
+        assert len(seq) == 10 and seq.valid.all()
+        runs[cached] = seq
+    assert sum(embedded) == 100  # the 10 kept patches were not embedded again with every chunk
+    assert torch.equal(runs[True].boxes, runs[False].boxes) and torch.equal(runs[True].pixels, runs[False].pixels)
 
 
 def test_fewer_candidates_than_m_are_padded_and_ignored_by_the_head():

@@ -323,3 +323,248 @@ def test_frontier_sbatch_stops_without_its_rocm_module(tmp_path, module, rocm, m
     proc = subprocess.run(["bash", "launch/frontier.sbatch", RECIPE], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- the srun command lines the scripts run
+
+RECORDING_SRUN = """#!{py}
+# stand-in srun: appends its command line and environment as one JSON line to $FAKE_SRUN_LOG. A `bash -c
+# SCRIPT` step (slurm.sbatch's one deepspeed launcher per node) runs SCRIPT once per task, with the task's
+# SLURM_NODEID/SLURM_PROCID; any other step's command is not run.
+import json, os, subprocess, sys
+
+argv = sys.argv[1:]
+with open(os.environ["FAKE_SRUN_LOG"], "a") as f:
+    f.write(json.dumps({{"argv": argv, "env": dict(os.environ)}}) + "\\n")
+i = 0
+while i < len(argv) and argv[i].startswith("-"):
+    i += 2 if argv[i] in ("-N", "-n", "-c", "-A", "-t") else 1
+command = argv[i:]
+if command[:2] == ["bash", "-c"]:
+    ntasks = int(next(a.split("=")[1] for a in argv if a.startswith("--ntasks=")))
+    for task in range(ntasks):
+        env = {{**os.environ, "SLURM_STEP_ID": "0", "SLURM_NODEID": str(task), "SLURM_PROCID": str(task),
+               "SLURM_LOCALID": "0"}}
+        subprocess.run(command, env=env, check=True)
+"""
+
+EXPANDING_SCONTROL = """#!{py}
+# stand-in scontrol: `show hostnames LIST` expands a Slurm node list (prefix[003-004,7],other) one host a line
+import re, sys
+
+if sys.argv[1:3] == ["show", "hostnames"]:
+    for prefix, ranges in re.findall(r"([^,\\[]+)(?:\\[([^\\]]*)\\])?", sys.argv[3]):
+        for part in ranges.split(",") if ranges else [""]:
+            lo, _, hi = part.partition("-")
+            print(*(f"{{prefix}}{{n:0{{len(lo)}}d}}" for n in range(int(lo), int(hi or lo) + 1)) if lo else prefix,
+                  sep="\\n")
+"""
+
+NODELIST, JOB = "node[003-004]", "271828"
+BATCH = {"SLURM_JOB_ID": JOB, "SLURM_JOB_NODELIST": NODELIST, "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+         "SLURM_NTASKS": "16", "SLURM_NPROCS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_TASKS_PER_NODE": "8(x2)",
+         "SLURM_GPUS_PER_TASK": "1", "SLURM_CPUS_PER_TASK": "8", "USER": "tester"}
+"""What `sbatch -N 2 launch/slurm.sbatch` gives the batch script (its #SBATCH lines: 8 tasks per node, one GPU
+and 8 CPUs each) on nodes node003 and node004."""
+SRUN_READS = {"nodes": "SLURM_NNODES", "ntasks": "SLURM_NTASKS", "ntasks-per-node": "SLURM_NTASKS_PER_NODE",
+              "gpus-per-task": "SLURM_GPUS_PER_TASK", "cpus-per-task": "SRUN_CPUS_PER_TASK"}
+"""The input variables srun takes an option from when it is not on the command line (Slurm >= 22.05 reads
+SRUN_CPUS_PER_TASK, no longer SLURM_CPUS_PER_TASK, so an sbatch's --cpus-per-task does not reach the step)."""
+SHORT = {"-N": "nodes", "-n": "ntasks", "-c": "cpus-per-task"}
+
+
+def _slurm_bin(folder: Path) -> Path:
+    """The recording srun and the node-list expanding scontrol in folder."""
+    folder.mkdir(exist_ok=True)
+    for name, text in (("srun", RECORDING_SRUN), ("scontrol", EXPANDING_SCONTROL)):
+        (folder / name).write_text(text.format(py=PY))
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def _srun_calls(log: Path) -> list[dict]:
+    """Each recorded srun call as {"options": {long name: value}, "command": [...], "env": {...}}."""
+    calls = []
+    for line in log.read_text().splitlines():
+        call = json.loads(line)
+        argv, options, i = call["argv"], {}, 0
+        while i < len(argv) and argv[i].startswith("-"):
+            arg = argv[i]
+            if arg in SHORT:
+                options[SHORT[arg]], i = argv[i + 1], i + 2
+                continue
+            if arg[:2] in SHORT and not arg.startswith("--"):
+                options[SHORT[arg[:2]]] = arg[2:]
+            else:
+                name, _, value = arg[2:].partition("=")
+                options[name] = value
+            i += 1
+        calls.append({"options": options, "command": argv[i:], "env": call["env"]})
+    return calls
+
+
+def _step(call: dict, name: str) -> str | None:
+    """The value of srun option `name` for the step: from its command line, else from the variable srun reads."""
+    return call["options"].get(name, call["env"].get(SRUN_READS.get(name, "")))
+
+
+def _task_view(call: dict, procid: int, per_node: int) -> dict:
+    """discover() in task `procid` of that step, with the variables srun gives each task."""
+    ntasks = int(_step(call, "ntasks"))
+    task = {**call["env"], "SLURM_STEP_ID": "0", "SLURM_PROCID": str(procid), "SLURM_LOCALID": str(procid % per_node),
+            "SLURM_NODEID": str(procid // per_node), "SLURM_STEP_NUM_TASKS": str(ntasks),
+            "SLURM_STEP_TASKS_PER_NODE": f"{per_node}(x{ntasks // per_node})", "SLURM_STEP_NODELIST": NODELIST}
+    return discover(task)
+
+
+def _batch_env(tmp_path: Path, **extra) -> tuple[dict, Path]:
+    log = tmp_path / "srun.jsonl"
+    fake = _slurm_bin(tmp_path / "bin")
+    env = {k: v for k, v in ENV.items() if not k.startswith(("SLURM_", "BASH_FUNC_", "SRUN_", "OMP_"))}
+    env.update(BATCH, PATH=f"{fake}{os.pathsep}{env['PATH']}", FAKE_SRUN_LOG=str(log), TMPDIR=str(tmp_path), **extra)
+    return env, log
+
+
+def test_sbatch_directives_are_what_the_readme_promises():
+    """README: slurm.sbatch starts 8 tasks per node with one GPU each; both scripts ask for SIGUSR1 120 s before
+    the limit and requeue (the BATCH environment of the tests below is what these lines make sbatch set)."""
+    slurm = {line.split()[1] for line in (REPO / "launch/slurm.sbatch").read_text().splitlines()
+             if line.startswith("#SBATCH")}
+    assert {"--ntasks-per-node=8", "--gpus-per-task=1", "--cpus-per-task=8", "--signal=USR1@120",
+            "--requeue"} <= slurm
+    frontier = {line.split()[1] for line in (REPO / "launch/frontier.sbatch").read_text().splitlines()
+                if line.startswith("#SBATCH")}
+    assert {"--signal=USR1@120", "--requeue"} <= frontier
+
+
+def test_slurm_sbatch_srun_step_one_task_per_gpu_and_rendezvous_on_the_first_node(tmp_path):
+    """slurm.sbatch on 2 nodes: one srun step of 16 tasks, 8 per node, one GPU each, running `python -m hrvit
+    train RECIPE overrides`; each task's rendezvous (what hrvit computes from srun's variables) is node003, the
+    first host of node[003-004], on port 29500 + job id % 20000, and ranks follow SLURM_PROCID."""
+    env, log = _batch_env(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), RECIPE, "train.steps=3", "output.dir=a b"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (call,) = _srun_calls(log)
+    assert call["command"] == ["python", "-m", "hrvit", "train", RECIPE, "train.steps=3", "output.dir=a b"]
+    assert (_step(call, "ntasks"), _step(call, "ntasks-per-node"), _step(call, "gpus-per-task")) == ("16", "8", "1")
+    assert "kill-on-bad-exit" not in call["options"] and "K" not in call["options"]
+    assert call["env"]["OMP_NUM_THREADS"] == "8"
+    for procid, local in ((0, 0), (9, 1), (15, 7)):
+        seen = _task_view(call, procid, per_node=8)
+        assert seen == {**seen, "RANK": str(procid), "WORLD_SIZE": "16", "LOCAL_RANK": str(local),
+                        "MASTER_ADDR": "node003", "MASTER_PORT": str(29500 + int(JOB) % 20000)}
+
+
+def test_slurm_sbatch_srun_step_keeps_the_cpus_per_task(tmp_path):
+    """The 8 CPUs per task that #SBATCH --cpus-per-task asks for must reach the srun step (since Slurm 22.05 srun
+    does not inherit it: each task got 1 CPU while OMP_NUM_THREADS=8)."""
+    env, log = _batch_env(tmp_path, SLURM_SUBMIT_DIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), RECIPE], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (call,) = _srun_calls(log)
+    assert _step(call, "cpus-per-task") == "8"
+
+
+FAKE_RUNNER = """#!{py}
+# stand-in for $SLURM_SUBMIT_DIR/.venv/bin/python -m deepspeed.launcher.runner: records its arguments and the
+# hostfile they name, one JSON file per node
+import json, os, sys
+
+args = sys.argv[1:]
+hosts = open(args[args.index("--hostfile") + 1]).read()
+with open(os.path.join(os.environ["FAKE_RUNNER_DIR"], "node" + os.environ["SLURM_NODEID"] + ".json"), "w") as f:
+    json.dump({{"args": args, "hostfile": hosts}}, f)
+"""
+
+
+def test_slurm_sbatch_deepspeed_launcher_per_node_with_the_first_node_as_master(tmp_path):
+    """HRVIT_LAUNCHER=deepspeed on 2 nodes with 4 tasks per node: one srun task per node holding all 4 GPUs and
+    4 x 8 CPUs; each starts the deepspeed runner with the allocation as hostfile (slots=4), its node rank, and
+    node003:29500 + job id % 20000 as master; the overrides reach hrvit intact (a space in one)."""
+    submit = tmp_path / "submit"
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    (submit / ".venv" / "bin" / "python").write_text(FAKE_RUNNER.format(py=PY))
+    (submit / ".venv" / "bin" / "python").chmod(0o755)
+    env, log = _batch_env(tmp_path, SLURM_SUBMIT_DIR=str(submit), HRVIT_LAUNCHER="deepspeed",
+                          SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="4", SLURM_TASKS_PER_NODE="4(x2)",
+                          FAKE_RUNNER_DIR=str(tmp_path))
+    proc = subprocess.run(["bash", str(REPO / "launch/slurm.sbatch"), RECIPE, "output.dir=a b", "train.steps=3"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (call,) = _srun_calls(log)
+    assert call["options"] == {"ntasks-per-node": "1", "ntasks": "2", "gpus-per-task": "4", "cpus-per-task": "32"}
+    port = str(29500 + int(JOB) % 20000)
+    for node in (0, 1):
+        seen = json.loads((tmp_path / f"node{node}.json").read_text())
+        args = seen["args"]
+        assert seen["hostfile"] == "node003 slots=4\nnode004 slots=4\n"
+        assert args[:2] == ["-m", "deepspeed.launcher.runner"] and "--no_ssh" in args
+        assert {k: args[args.index(k) + 1] for k in ("--node_rank", "--master_addr", "--master_port")} == {
+            "--node_rank": str(node), "--master_addr": "node003", "--master_port": port}
+        assert args[args.index("--module"):] == ["--module", "hrvit", "train", RECIPE, "output.dir=a b",
+                                                 "train.steps=3"]
+
+
+def test_frontier_sbatch_srun_step_binds_gcds_and_exports_the_rendezvous(tmp_path):
+    """frontier.sbatch on 2 nodes: ROCm module loaded, then 16 tasks, 8 per node, 7 cores and one GCD each bound
+    to the closest GCD, running the venv's python; MASTER_ADDR/MASTER_PORT exported to the step are node003 (first
+    of node[003-004]) and 29500 + job id % 20000, and every task's rendezvous agrees."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export VIRTUAL_ENV={venv} PATH="{venv}/bin:$PATH"\n')
+    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 0\n")
+    (venv / "bin" / "python").chmod(0o755)
+    modules = tmp_path / "modules"
+    # Lmod's `module` is a shell function that changes the caller's environment; bash imports it from here
+    env, log = _batch_env(tmp_path, SLURM_SUBMIT_DIR=str(REPO), HRVIT_VENV=str(venv), AWS_OFI_RCCL="/ofi/lib",
+                          **{"BASH_FUNC_module%%": f'() {{ echo "$*" >> {modules}; '
+                                                   'export LD_LIBRARY_PATH=/opt/rocm/lib; }'})
+    env.pop("LD_LIBRARY_PATH", None)
+    proc = subprocess.run(["bash", "launch/frontier.sbatch", RECIPE, "train.steps=3"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert modules.read_text().split() == ["load", "PrgEnv-gnu", "craype-accel-amd-gfx90a", "rocm/6.2.4"]
+    mkdir, train = _srun_calls(log)
+    assert mkdir["command"] == ["mkdir", "-p", f"/tmp/miopen-tester-{JOB}"] and mkdir["options"] == {
+        "ntasks-per-node": "1"}
+    assert train["command"] == ["python", "-m", "hrvit", "train", RECIPE, "train.steps=3"]
+    assert shutil.which("python", path=train["env"]["PATH"]) == str(venv / "bin" / "python")
+    assert train["options"] == {"nodes": "2", "ntasks": "16", "ntasks-per-node": "8", "cpus-per-task": "7",
+                                "gpus-per-task": "1", "gpu-bind": "closest"}
+    port = str(29500 + int(JOB) % 20000)
+    step = train["env"]
+    assert (step["MASTER_ADDR"], step["MASTER_PORT"], step["OMP_NUM_THREADS"]) == ("node003", port, "7")
+    assert step["LD_LIBRARY_PATH"] == "/ofi/lib:/opt/rocm/lib" and step["MIOPEN_USER_DB_PATH"].startswith("/tmp/")
+    for procid in (0, 13):
+        seen = _task_view(train, procid, per_node=8)
+        assert (seen["RANK"], seen["WORLD_SIZE"], seen["MASTER_ADDR"], seen["MASTER_PORT"]) == (
+            str(procid), "16", "node003", port)
+
+
+FAKE_PYTHON = """#!/bin/sh
+# stand-in for the checkout's .venv/bin/python: records the deepspeed launcher command line
+printf '%s\\n' "$@" > "$FAKE_ARGS"
+"""
+
+
+@pytest.mark.parametrize("port", [None, "31234"])
+def test_local_sh_starts_n_ranks_through_the_deepspeed_launcher(tmp_path, port):
+    """launch/local.sh N RECIPE overrides = the checkout's python running the deepspeed launcher with N
+    accelerators, MASTER_PORT (default 29500) as rendezvous port, and hrvit train with the overrides intact."""
+    (tmp_path / "launch").mkdir()
+    shutil.copy(REPO / "launch/local.sh", tmp_path / "launch/local.sh")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").write_text(FAKE_PYTHON)
+    (tmp_path / ".venv" / "bin" / "python").chmod(0o755)
+    (tmp_path / "recipe.yaml").write_text("{}\n")
+    env = {**ENV, "FAKE_ARGS": str(tmp_path / "args")}
+    if port:
+        env["MASTER_PORT"] = port
+    proc = subprocess.run(["bash", str(tmp_path / "launch/local.sh"), "3", "recipe.yaml", "output.dir=a b", "p=8"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "args").read_text().splitlines() == [
+        "-m", "deepspeed.launcher.runner", "--num_accelerators", "3", "--master_port", port or "29500",
+        "--module", "hrvit", "train", "recipe.yaml", "output.dir=a b", "p=8"]

@@ -58,17 +58,22 @@ def nano_encoder(ndim: int = 2, p: int = 8, chans: int = 2, **kw) -> ViTEncoder:
 @pytest.mark.parametrize("ndim", [2, 3])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_preset_forward_backward(preset, ndim):
+    """Each preset as a recipe builds it (full depth, heads, MLP and decoder widths), on a few tokens: every
+    block and every decoder stage gets a finite, nonzero gradient, so no preset has a dead or missing part."""
     torch.manual_seed(0)
     p = 8 if ndim == 2 else 4
-    model = build_model(
-        preset, ndim=ndim, patch_size=p, in_chans=2, num_classes=3, depth=4
-    )
-    assert model.encoder.embed_dim == PRESETS[preset]["embed_dim"]
-    assert model.decoder.channels == PRESETS[preset]["decoder_channels"]
-    b = make_batch(ndim, p, 2, length=8)
-    b["valid"][1, 5:] = False
+    cfg = PRESETS[preset]
+    model = build_model(preset, ndim=ndim, patch_size=p, in_chans=2, num_classes=3)
+    enc = model.encoder
+    assert (enc.embed_dim, enc.depth, len(enc.blocks)) == (cfg["embed_dim"], cfg["depth"], cfg["depth"])
+    assert enc.blocks[0].mlp.fc1.out_features == int(cfg["embed_dim"] * cfg["mlp_ratio"])
+    assert all(blk.attn.num_heads == cfg["num_heads"] for blk in enc.blocks)
+    assert enc.out_indices == tuple(cfg["depth"] * (i + 1) // 4 - 1 for i in range(4))  # quarter depths
+    assert model.decoder.channels == cfg["decoder_channels"]
+    b = make_batch(ndim, p, 2, length=6)
+    b["valid"][1, 4:] = False
     logits = run(model, b)
-    assert logits.shape == (2, 8, 3, *(p,) * ndim)
+    assert logits.shape == (2, 6, 3, *(p,) * ndim)
     logits[b["valid"]].square().mean().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, name

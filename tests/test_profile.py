@@ -25,7 +25,8 @@ def profile(*args, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedPr
 
 
 def test_flops_match_deepspeed_profiler():
-    """The analytic forward count is within 10% of what DeepSpeed's profiler counts (encoder and whole model)."""
+    """The analytic forward count is within the README's 2 % of DeepSpeed's profiler (encoder and whole model),
+    and below it: the profiler also counts norms, activations and softmax, which the convention leaves out."""
     from deepspeed.profiling.flops_profiler import get_model_profile
 
     torch.manual_seed(0)
@@ -35,7 +36,8 @@ def test_flops_match_deepspeed_profiler():
             torch.tensor([[1024, 1024]])]
     for net in (model.encoder, model):
         counted, _, _ = get_model_profile(net, args=args, print_profile=False, as_string=False, warm_up=0)
-        assert abs(forward_flops(net, L) / counted - 1) < 0.10, (type(net).__name__, forward_flops(net, L), counted)
+        ours = forward_flops(net, L)
+        assert 0 < 1 - ours / counted < 0.02, (type(net).__name__, ours, counted)
     assert train_step_flops(model, L, samples=4) == 3 * 4 * forward_flops(model, L)
 
 

@@ -124,6 +124,41 @@ def test_sigusr2_checkpoints_and_goes_on(slides, tmp_path):
     assert json.loads((find_latest(run / "checkpoints") / COMPLETE).read_text())["step"] > saved + 2
 
 
+def test_ctrl_c_checkpoints_and_exits_like_sigterm(slides, tmp_path):
+    run = tmp_path / "int"
+    proc = _start("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", "train.steps=100000")
+    _wait_for_step(proc, run, 2)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == PREEMPTED and "SIGINT: checkpoint at step" in out, out[-3000:]
+    assert f"stopping (resume: hrvit train --resume {run})" in out and "Traceback" not in out
+    assert (find_latest(run / "checkpoints") / COMPLETE).is_file()
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_a_step_that_does_not_end_exits_after_the_grace_period_or_a_second_signal(slides, tmp_path, second):
+    """Step 4 takes an hour: SIGTERM, then train.stop_grace_s (or a second SIGTERM) ends the run with status 75,
+    and the step-3 checkpoint is the latest complete one."""
+    run = tmp_path / "slow"
+    proc = _start("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", "train.steps=100000",
+                  "train.ckpt_every=1", f"train.stop_grace_s={60 if second else 2}", env={"HRVIT_FAULT_SLOW_STEP": "4"})
+    deadline = time.time() + 240
+    while (latest := find_latest(run / "checkpoints")) is None or latest.name != "step0000003":
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside step 4
+    start = time.time()
+    proc.send_signal(signal.SIGTERM)
+    if second:
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == PREEMPTED and time.time() - start < 10, out[-3000:]
+    why = "a second stop signal (SIGTERM)" if second else "did not end within train.stop_grace_s=2.0 s"
+    assert why in out and "the last complete one is intact" in out and "Traceback" not in out, out[-3000:]
+    assert find_latest(run / "checkpoints").name == "step0000003"
+
+
 def test_kill_9_while_saving_leaves_the_previous_checkpoint(slides, tmp_path):
     """Then, on the finished run: another model is refused, another world size is refused with the
     universal-checkpoint recipe, and that recipe resumes it on 2 ranks."""
@@ -189,6 +224,10 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_one_message(slides, tmp_pat
                   "train.max_bad_steps=2", "train.grad_accum=2", env={"HRVIT_FAULT_NAN_STEP": "2,3"})
     out = proc.communicate(timeout=240)[0]
     assert proc.returncode == 2 and "2 steps in a row (to step 3)" in out and "Traceback" not in out, out[-3000:]
+    # nothing to resume: the folder is marked FAILED, and the next run into it replaces the failed one
+    assert "2 steps in a row" in (run / "FAILED").read_text() and find_latest(run / "checkpoints") is None
+    hrvit("train", RECIPE, *TINY, f"data.manifest={slides}", f"output.dir={run}", "train.steps=2", "eval.max_cases=0")
+    assert not (run / "FAILED").exists() and [r["step"] for r in _rows(run) if "loss" in r] == [1, 2]
 
 
 def _copy(slides, tmp_path):

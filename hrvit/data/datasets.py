@@ -84,11 +84,14 @@ def _read_manifest(manifest: Path) -> list[dict]:
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise DataError(f'{manifest}: expected a JSON list of {{"image": ..., "label": ..., "split": ...}}')
             return rows
-        with open(manifest, newline="", encoding="utf-8-sig") as f:
+        with open(manifest, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
-            if rows := list(reader):
-                if "image" not in (reader.fieldnames or []):
-                    raise DataError(f"{manifest}: CSV needs an 'image' column, found {reader.fieldnames}")
+            # 'image, label, split' (spaces after the commas) means the columns image, label and split
+            rows = [{(k or "").strip(): v.strip() if isinstance(v, str) else v for k, v in row.items()}
+                    for row in reader]
+            columns = [name.strip() for name in reader.fieldnames or []]
+            if rows and "image" not in columns:
+                raise DataError(f"{manifest}: CSV needs an 'image' column, found {columns}")
             return rows
     except (json.JSONDecodeError, csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{manifest}: cannot parse manifest ({e})") from None

@@ -115,13 +115,14 @@ def select(cfg: Config, model: IPSClassifier, specs: list[CaseSpec], *, explore:
                                        cfg.ips.tissue_mask)
             shape = torch.tensor(source.shape, device=device)
 
-            def score(pixels, b, shape=shape):
-                return model.score(pixels.to(device), b.to(device), shape)
+            def score(emb, b, shape=shape):
+                return model.score_embedded(emb, b.to(device), shape)
 
             seed = int(torch.randint(2**62, ())) if explore else 0  # the loop seeds torch per (step, rank)
+            # each candidate is embedded once: the kept ones' embeddings are reused at every chunk
             seq, _ = select_patches(lambda b, s=source: read_patches(s, b), boxes, score, memory=cfg.ips.memory,
                                     chunk=cfg.ips.chunk, image_shape=source.shape, explore=explore,
-                                    rng=np.random.default_rng(seed))
+                                    rng=np.random.default_rng(seed), embed=lambda p: model.embedder(p.to(device)))
             seqs.append(seq)
     finally:
         model.train(was_training)

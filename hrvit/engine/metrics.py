@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from hrvit.patching import IGNORE_INDEX
@@ -27,7 +29,8 @@ def dice_from_counts(counts: np.ndarray) -> np.ndarray:
 def summarize(per_case: dict[str, np.ndarray], class_names: list[str]) -> dict:
     """Mean over cases of each class's Dice; `dice_mean` over the foreground classes (1..K-1)."""
     table = np.array([dice_from_counts(c) for c in per_case.values()])  # [cases, K]
-    with np.errstate(invalid="ignore"):
+    with warnings.catch_warnings():  # a class absent from every case has no Dice: NaN, then None
+        warnings.simplefilter("ignore", RuntimeWarning)
         per_class = np.nanmean(table, axis=0) if len(table) else np.full(len(class_names), np.nan)
     foreground = per_class[1:]
     mean = float(np.nanmean(foreground)) if np.isfinite(foreground).any() else float("nan")

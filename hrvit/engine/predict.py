@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hrvit.config import Config
+from hrvit.config import Config, check_writable_dir
 from hrvit.data.datasets import BRATS_LABEL_MAP, Case, CaseSpec
 from hrvit.data.sources import SlideSource, VolumeSource, open_image, suffix, write_nifti
 from hrvit.data.tiff import write_pyramid_from_array
@@ -30,19 +30,25 @@ def _stored_values(cfg: Config, pred: np.ndarray) -> np.ndarray:
     return lut[pred]
 
 
-def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path) -> list[Path]:
-    """Predict each input (one path, or one per channel) and write prediction and overlay into `out`; the model
-    runs on the accelerator when there is one."""
-    model = None
-    written = []
-    for paths in inputs:
-        source = open_image(paths if len(paths) > 1 else paths[0])
-        if model is None:
-            model = load_weights(run, cfg, len(source.shape), source.channels)
+def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path, ckpt: str | Path | None = None
+                  ) -> list[Path]:
+    """Predict each input (one path, or one per channel) with the run's newest complete checkpoint, or `ckpt`
+    (a tag or folder, see checkpoint.choose), and write prediction and overlay into `out`; the model runs on the
+    accelerator when there is one. Every input is opened and checked against the model before anything is
+    loaded or written."""
+    check_writable_dir(out, "--out")
+    sources = [open_image(paths if len(paths) > 1 else paths[0]) for paths in inputs]
+    if not sources:
+        return []
+    first = sources[0]
+    model = load_weights(run, cfg, len(first.shape), first.channels, ckpt=ckpt, what=str(inputs[0][0]))
+    for paths, source in zip(inputs, sources):
         if source.channels != model.encoder.in_chans or len(source.shape) != model.encoder.ndim:
             raise DataError(f"{paths[0]}: {len(source.shape)}-D image with {source.channels} channel(s), "
                             f"but the model of {run} takes {model.encoder.ndim}-D images with "
                             f"{model.encoder.in_chans} channel(s)")
+    written = []
+    for paths, source in zip(inputs, sources):
         case = Case(CaseSpec(_stem(paths[0]), list(paths), None, "test"), source, None)
         pred = predict_case(model, case, window=cfg.data.window, patching=cfg.patching,
                             batch=cfg.eval.batch, device=next(model.parameters()).device)

@@ -17,6 +17,7 @@ import torch
 
 from hrvit.config import Config, deepspeed_config
 from hrvit.data.datasets import CaseSpec, discover
+from hrvit.data.preflight import FileCache, check_finite, check_token_budget, overlap_message, split_overlaps
 from hrvit.errors import ConfigError, DataError, HrvitError
 from hrvit.parallel import comm
 from hrvit.parallel.dist import init_distributed
@@ -45,26 +46,41 @@ def task_for(cfg: Config):
 
 
 def check_cases(cfg: Config, specs: list[CaseSpec], bad: list | None = None) -> tuple[int, int]:
-    """Open every case, check geometry, size and label values; returns (ndim, channels).
+    """Open every case, check geometry, size, label values and image pixels (no NaN/Inf), then across cases: one
+    kind of image, a training case, no image in two splits (unless data.allow_split_overlap) and an adaptive token
+    budget the images can fill; returns (ndim, channels).
     With `bad` (a list), failing cases are appended to it as (spec, message) instead of raising."""
     task = task_for(cfg)
-    geometry = set()
-    for spec in specs:
-        try:
-            case = task.check_case(spec)
-        except DataError as err:
-            if bad is None:
-                raise
-            bad.append((spec, str(err)))
-            continue
-        geometry.add((len(case.image.shape), case.image.channels))
-    bad_ids = {spec.id for spec, _ in bad or []}
-    if not geometry:
-        raise DataError(f"data: none of the {len(specs)} case(s) is readable; run hrvit check-data")
-    if len(geometry) != 1:
-        raise ConfigError(f"data: cases differ in dimensionality/channels {sorted(geometry)}; one run needs one kind")
-    if not any(s.split == "train" and s.id not in bad_ids for s in specs):
-        raise ConfigError("data: no case has split 'train'")
+    geometry, shapes = set(), []
+    cache = FileCache()  # pixel scans and hashes of unchanged files are not repeated
+    try:
+        for spec in specs:
+            try:
+                case = task.check_case(spec)
+                check_finite(spec, cache)
+            except DataError as err:
+                if bad is None:
+                    raise
+                bad.append((spec, str(err)))
+                continue
+            geometry.add((len(case.image.shape), case.image.channels))
+            shapes.append((spec, tuple(case.image.shape)))
+        bad_ids = {spec.id for spec, _ in bad or []}
+        if not geometry:
+            raise DataError(f"data: none of the {len(specs)} case(s) is readable; run hrvit check-data")
+        if len(geometry) != 1:
+            raise ConfigError(f"data: cases differ in dimensionality/channels {sorted(geometry)}; "
+                              "one run needs one kind")
+        if not any(s.split == "train" and s.id not in bad_ids for s in specs):
+            raise ConfigError("data: no case has split 'train'")
+        if not cfg.data.allow_split_overlap:
+            overlaps = split_overlaps([s for s in specs if s.id not in bad_ids], cache)
+            if overlaps:
+                more = f" ({len(overlaps) - 1} more such pair(s): run hrvit check-data)" if len(overlaps) > 1 else ""
+                raise DataError(f"data: {overlap_message(overlaps[0])}{more}")
+        check_token_budget(cfg, shapes)
+    finally:
+        cache.save()
     return geometry.pop()
 
 

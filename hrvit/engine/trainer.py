@@ -27,8 +27,10 @@ import logging
 import os
 import platform
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,8 +41,9 @@ from hrvit.data.windows import StepSampler, TrainWindows
 from hrvit.engine import checkpoint
 from hrvit.engine.log import RunLog
 from hrvit.engine.session import Session, on_rank0_then_share, precision, start
-from hrvit.errors import ConfigError, DataError, HrvitError
+from hrvit.errors import PREEMPTED_EXIT, ConfigError, DataError, HrvitError
 from hrvit.parallel import comm
+from hrvit.parallel.dist import is_main
 from hrvit.patching import collate
 
 CHECKPOINTS = "checkpoints"
@@ -52,13 +55,39 @@ class Preempted(Exception):
     with cli.PREEMPTED_EXIT so a job script can requeue."""
 
 
+FAILED = "FAILED"
+"""Marks a run folder whose run failed before its first checkpoint: nothing to resume, so a new run may reuse it."""
+RUN_FILES = ("metrics.jsonl", "environment.json", "config.yaml", "deepspeed.json", SKIPPED, FAILED)
+
+
 def prepare_run_dir(cfg: Config) -> Path:
-    """Refuse to mix two runs in one folder; a resume continues the run that is there."""
+    """Refuse to mix two runs in one folder; a resume continues the run that is there; a run that failed before
+    its first checkpoint (FAILED) is replaced."""
     run = Path(cfg.output.dir)
+    if (run / FAILED).is_file() and latest_checkpoint(run) is None:
+        comm.barrier()  # every rank has seen the marker before rank 0 removes it
+        if is_main():
+            for name in RUN_FILES:
+                (run / name).unlink(missing_ok=True)
+        return run
     if (run / "metrics.jsonl").exists() and cfg.train.resume is None:
         raise ConfigError(f"output.dir: {run} already holds a run; set train.resume=auto to continue it "
                           "or choose another output.dir")
     return run
+
+
+@contextlib.contextmanager
+def failed_unless_resumable(run: Path, main: bool):
+    """A run that fails before any checkpoint is complete leaves FAILED (with its error) in its folder, so the
+    folder is not mistaken for a run to resume, and the next run into it replaces it."""
+    try:
+        yield
+    except Preempted:
+        raise
+    except BaseException as err:
+        if main and latest_checkpoint(run) is None:
+            (run / FAILED).write_text(f"{type(err).__name__}: {str(err).strip()[:2000]}\n")
+        raise
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -137,19 +166,52 @@ def checkpoint_meta(session: Session, model) -> dict:
 
 
 class Signals:
-    """SIGTERM/SIGUSR1 ask for checkpoint-and-exit, SIGUSR2 for a checkpoint; the loop polls `wanted()`."""
+    """SIGTERM/SIGUSR1/SIGINT ask for checkpoint-and-exit, SIGUSR2 for a checkpoint; the loop polls `wanted()`.
+
+    Python runs a signal's handler only between bytecodes, so a step stuck in one long C++ call would keep the
+    first signal waiting forever. A watcher thread reads the signal numbers that the interpreter's C-level
+    handler writes to its wakeup socket at once: after a stop signal it gives the step and its checkpoint
+    train.stop_grace_s, then (or on a second stop signal) exits with status 75, the last complete checkpoint
+    intact (checkpoints are atomic)."""
 
     STOP, SAVE = 0, 1
+    STOPPING = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, grace_s: float, run: str):
         self.flags = [0.0, 0.0]
         self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        self.grace_s, self.run, self.stops = grace_s, run, 0
+        for sig in (*self.STOPPING, signal.SIGUSR2):
             signal.signal(sig, self._handle)
+        self._wakeup, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._writer = writer  # kept open for the life of the process
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="hrvit-signals", daemon=True).start()
 
     def _handle(self, signum, frame):
         self.flags[self.SAVE if signum == signal.SIGUSR2 else self.STOP] = 1.0
         self.received = signal.Signals(signum).name
+
+    def _watch(self) -> None:
+        while data := self._wakeup.recv(64):
+            for signum in data:
+                if signum not in self.STOPPING:
+                    continue
+                self.stops += 1
+                name = signal.Signals(signum).name
+                if self.stops == 1:
+                    timer = threading.Timer(self.grace_s, self._leave, (
+                        f"{name}: the step and its checkpoint did not end within train.stop_grace_s={self.grace_s} s",))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    self._leave(f"a second stop signal ({name})")
+
+    def _leave(self, why: str) -> None:
+        print(f"hrvit: {why}; exiting now without a new checkpoint (the last complete one is intact; resume: "
+              f"hrvit train --resume {self.run})", file=sys.stderr, flush=True)
+        os._exit(PREEMPTED_EXIT)
 
     def wanted(self, bad_step: bool) -> tuple[bool, bool, bool]:
         """(stop, save, bad) agreed by all ranks: true if any rank got the signal or saw a bad step."""
@@ -158,13 +220,19 @@ class Signals:
         return bool(stop), bool(save), bool(bad)
 
 
+def _fault_slow(done: int) -> None:
+    """Test hook: HRVIT_FAULT_SLOW_STEP=N makes step N take an hour (a step that does not end)."""
+    if str(done) == os.environ.get("HRVIT_FAULT_SLOW_STEP"):
+        time.sleep(3600)
+
+
 def _fault_nan(done: int, rank: int) -> bool:
     """Test hook: HRVIT_FAULT_NAN_STEP=N[,M...] makes rank 0's loss NaN at steps N, M, ..."""
     return rank == 0 and str(done) in os.environ.get("HRVIT_FAULT_NAN_STEP", "").split(",")
 
 
 @contextlib.contextmanager
-def name_lost_workers(workers: int, sampler: StepSampler, dataset: TrainWindows, fetched: list[int]):
+def name_lost_workers(workers: int, sampler: StepSampler, dataset: TrainWindows, batches: Batches):
     """A data-loader worker killed without a Python error (signal, out of memory) surfaces anywhere in the loop
     as RuntimeError (or a broken queue); turn it into a DataError naming the samples that were being read:
     those of the next 2 x workers micro-batches (DataLoader's prefetch)."""
@@ -173,6 +241,8 @@ def name_lost_workers(workers: int, sampler: StepSampler, dataset: TrainWindows,
     except (RuntimeError, ConnectionError, EOFError) as err:
         if workers == 0 or isinstance(err, RuntimeError) and "DataLoader worker" not in str(err):
             raise
+        batches.close()
+        fetched = batches.fetched
         ks = [k for p in range(fetched[0], fetched[0] + 2 * workers)
               if sampler.start_step + p // sampler.grad_accum < sampler.steps
               for k in sampler.indices(sampler.start_step + p // sampler.grad_accum, p % sampler.grad_accum)]
@@ -206,6 +276,13 @@ def write_run_files(session: Session, run: Path, start_step: int, bad_cases: lis
     comm.barrier()
 
 
+def _quiet_worker(worker_id: int) -> None:
+    """A data-loader worker keeps the training process's signal handlers (a scheduler's SIGTERM reaches it too,
+    and must not kill it before the step's checkpoint) but not its wakeup socket, so Signals does not count the
+    worker's copy of a signal as a second one."""
+    signal.set_wakeup_fd(-1)
+
+
 class Batches:
     """The loader's micro-batches in order, with the samples the dataset had to skip logged (by one rank per SP
     group: the group shares its samples) and the counts the summary reports."""
@@ -213,9 +290,18 @@ class Batches:
     def __init__(self, session: Session, dataset, sampler: StepSampler, run: Path):
         self.loader = iter(torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, collate_fn=getattr(dataset, "collate", collate),
-            num_workers=session.cfg.data.workers, persistent_workers=session.cfg.data.workers > 0))
+            num_workers=session.cfg.data.workers, persistent_workers=session.cfg.data.workers > 0,
+            worker_init_fn=_quiet_worker))
         self.session, self.run, self.fetched = session, run, [0]
         self.counts = {"samples": 0, "tokens": 0, "skipped_samples": 0, "bad_steps": 0, "overflow_steps": 0}
+
+    def close(self) -> None:
+        """Stop the loader's workers now, after one died: left to the garbage collector, torch reports the dead
+        worker again from the loader's __del__, as an ignored-exception traceback."""
+        stop = getattr(self.loader, "_shutdown_workers", None)
+        if stop is not None:
+            with contextlib.suppress(RuntimeError, ConnectionError, EOFError):
+                stop()
 
     def next(self, step: int) -> dict:
         batch = next(self.loader)
@@ -258,9 +344,10 @@ def train_step(session: Session, batches: Batches, step: int) -> tuple[float, bo
 def train(cfg: Config) -> dict | None:
     """Run training as configured; returns the summary on rank 0. Raises Preempted after a signal."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    signals = Signals()  # before anything slow: a signal during set-up is kept, not fatal
+    t = cfg.train
+    signals = Signals(t.stop_grace_s, cfg.output.dir)  # before anything slow: a signal during set-up is kept
     session = start(cfg)
-    rank, world, task, t = session.rank, session.world, session.task, cfg.train
+    rank, world, task = session.rank, session.world, session.task
     # Everything that can be wrong with the inputs is found before anything is written.
     bad_cases = [] if cfg.data.skip_bad_samples else None
     specs = session.check_data(bad_cases)
@@ -284,65 +371,68 @@ def train(cfg: Config) -> dict | None:
         raise ConfigError(f"train.steps: {t.steps} is below the step of the checkpoint resumed ({start_step})")
     write_run_files(session, run, start_step, bad_cases)
 
-    dataset = task.make_dataset(specs)
-    sampler = StepSampler(start_step=start_step, steps=t.steps, grad_accum=t.grad_accum, micro_batch=t.micro_batch,
-                          dp_rank=session.dp_rank, dp_size=session.dp_size)
-    batches = Batches(session, dataset, sampler, run)
-    counts = batches.counts
-    fp16 = precision(session.ds_config) == "fp16"
-    log = RunLog(run, total=t.steps, start=start_step, enabled=rank == 0)
-    log.info(f"hrvit: {world} rank(s) = {session.dp_size} data-parallel x {session.sp_size} sequence-parallel, "
-             f"ZeRO-{zero_stage(session.ds_config)}, {precision(session.ds_config)}, {session.ndim}-D, "
-             f"{session.channels} channel(s), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-             f"on {session.device}, steps {start_step}->{t.steps}, run folder {run}"
-             + (f", resumed from {resume_from}" if resume_from else ""))
-    for spec, msg in bad_cases or []:
-        log.info(f"hrvit: skipping case {spec.id}: {msg}")
-    train_time, window_loss, bad_in_a_row = 0.0, [], 0
-    with name_lost_workers(cfg.data.workers, sampler, dataset, batches.fetched):
-        for step in range(start_step, t.steps):
-            torch.manual_seed(hash((t.seed, step, session.dp_rank)) % 2**63)
-            tick = time.perf_counter()
-            done = step + 1
-            step_loss, finite = train_step(session, batches, step)
-            # DeepSpeed skips an update whose gradients are not finite: a bad step, except in fp16, where
-            # that is the loss scaler backing off (counted, not fatal)
-            skipped = finite and not engine.was_step_applied()
-            counts["overflow_steps"] += skipped and fp16
-            stop, save, bad = signals.wanted(not finite or skipped and not fp16)
-            train_time += time.perf_counter() - tick
-            if bad:
-                counts["bad_steps"] += 1
-                bad_in_a_row += 1
-                log.metrics({"step": done, "skipped_step": "non-finite loss or gradients", "in_a_row": bad_in_a_row})
-                if bad_in_a_row >= t.max_bad_steps:
-                    raise HrvitError(f"train: {bad_in_a_row} steps in a row (to step {done}) had a non-finite loss or "
-                                     f"gradients (train.max_bad_steps={t.max_bad_steps}); lower train.lr or check the "
-                                     "data, then resume from the last checkpoint")
-            else:
-                bad_in_a_row = 0
-                window_loss.append(step_loss)
-            if window_loss and (done % t.log_every == 0 or done == t.steps):
-                mean = comm.reduce_values([sum(window_loss) / len(window_loss)])[0] / world
-                log.metrics({"step": done, "loss": round(mean, 6), "lr": scheduler.get_last_lr()[0],
-                             "samples_per_s": round(counts["samples"] / train_time, 3),
-                             "tokens_per_s": round(counts["tokens"] / train_time, 1)})
-                window_loss = []
-            log.advance(done)
-            if stop or save or (t.ckpt_every and done % t.ckpt_every == 0 and done != t.steps):
-                checkpoint.save(engine, run / CHECKPOINTS, done, meta, t.keep_last)
-            if stop:
-                log.info(f"hrvit: {signals.received or 'a signal on another rank'}: checkpoint at step {done} written; "
-                         f"stopping (resume: hrvit train --resume {run})")
-                log.close()
-                raise Preempted(done)
-            if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
-                log.metrics({"step": done, "eval": task.evaluate(session, engine, specs, run, done)})
-    checkpoint.save(engine, run / CHECKPOINTS, t.steps, meta, t.keep_last)
-    log.info("hrvit: final evaluation")
-    result = task.evaluate(session, engine, specs, run, t.steps)
-    log.metrics({"step": t.steps, "eval": result})
-    return finish(session, run, log, result, counts, train_time, start_step, bad_cases)
+    with failed_unless_resumable(run, rank == 0):
+        dataset = task.make_dataset(specs)
+        sampler = StepSampler(start_step=start_step, steps=t.steps, grad_accum=t.grad_accum, micro_batch=t.micro_batch,
+                              dp_rank=session.dp_rank, dp_size=session.dp_size)
+        batches = Batches(session, dataset, sampler, run)
+        counts = batches.counts
+        fp16 = precision(session.ds_config) == "fp16"
+        log = RunLog(run, total=t.steps, start=start_step, enabled=rank == 0)
+        log.info(f"hrvit: {world} rank(s) = {session.dp_size} data-parallel x {session.sp_size} sequence-parallel, "
+                 f"ZeRO-{zero_stage(session.ds_config)}, {precision(session.ds_config)}, {session.ndim}-D, "
+                 f"{session.channels} channel(s), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                 f"on {session.device}, steps {start_step}->{t.steps}, run folder {run}"
+                 + (f", resumed from {resume_from}" if resume_from else ""))
+        for spec, msg in bad_cases or []:
+            log.info(f"hrvit: skipping case {spec.id}: {msg}")
+        train_time, window_loss, bad_in_a_row = 0.0, [], 0
+        with name_lost_workers(cfg.data.workers, sampler, dataset, batches):
+            for step in range(start_step, t.steps):
+                torch.manual_seed(hash((t.seed, step, session.dp_rank)) % 2**63)
+                tick = time.perf_counter()
+                done = step + 1
+                _fault_slow(done)
+                step_loss, finite = train_step(session, batches, step)
+                # DeepSpeed skips an update whose gradients are not finite: a bad step, except in fp16, where
+                # that is the loss scaler backing off (counted, not fatal)
+                skipped = finite and not engine.was_step_applied()
+                counts["overflow_steps"] += skipped and fp16
+                stop, save, bad = signals.wanted(not finite or skipped and not fp16)
+                train_time += time.perf_counter() - tick
+                if bad:
+                    counts["bad_steps"] += 1
+                    bad_in_a_row += 1
+                    log.metrics({"step": done, "skipped_step": "non-finite loss or gradients",
+                                 "in_a_row": bad_in_a_row})
+                    if bad_in_a_row >= t.max_bad_steps:
+                        raise HrvitError(f"train: {bad_in_a_row} steps in a row (to step {done}) had a non-finite "
+                                         f"loss or gradients (train.max_bad_steps={t.max_bad_steps}); lower train.lr "
+                                         "or check the data, then resume from the last checkpoint")
+                else:
+                    bad_in_a_row = 0
+                    window_loss.append(step_loss)
+                if window_loss and (done % t.log_every == 0 or done == t.steps):
+                    mean = comm.reduce_values([sum(window_loss) / len(window_loss)])[0] / world
+                    log.metrics({"step": done, "loss": round(mean, 6), "lr": scheduler.get_last_lr()[0],
+                                 "samples_per_s": round(counts["samples"] / train_time, 3),
+                                 "tokens_per_s": round(counts["tokens"] / train_time, 1)})
+                    window_loss = []
+                log.advance(done)
+                if stop or save or (t.ckpt_every and done % t.ckpt_every == 0 and done != t.steps):
+                    checkpoint.save(engine, run / CHECKPOINTS, done, meta, t.keep_last)
+                if stop:
+                    log.info(f"hrvit: {signals.received or 'a signal on another rank'}: checkpoint at step {done} "
+                             f"written; stopping (resume: hrvit train --resume {run})")
+                    log.close()
+                    raise Preempted(done)
+                if cfg.eval.every and done % cfg.eval.every == 0 and done != t.steps:
+                    log.metrics({"step": done, "eval": task.evaluate(session, engine, specs, run, done)})
+        checkpoint.save(engine, run / CHECKPOINTS, t.steps, meta, t.keep_last)
+        log.info("hrvit: final evaluation")
+        result = task.evaluate(session, engine, specs, run, t.steps)
+        log.metrics({"step": t.steps, "eval": result})
+        return finish(session, run, log, result, counts, train_time, start_step, bad_cases)
 
 
 def finish(session: Session, run: Path, log: RunLog, result: dict, counts: dict, train_time: float,
@@ -378,18 +468,29 @@ def finish(session: Session, run: Path, log: RunLog, result: dict, counts: dict,
     return summary if session.rank == 0 else None
 
 
-def load_weights(run: Path, cfg: Config, ndim: int, channels: int, device=None):
-    """The model with the fp32 weights of the run's latest complete checkpoint (any ZeRO stage), no engine needed,
-    on `device` (default: the accelerator's current device, the CPU without one)."""
+def load_weights(run: Path, cfg: Config, ndim: int, channels: int, device=None, ckpt: str | Path | None = None,
+                 what: str | None = None, fix: str = ""):
+    """The model with the fp32 weights of the run's latest complete checkpoint, or of `ckpt` (checkpoint.choose),
+    any ZeRO stage, no engine needed, on `device` (default: the accelerator's current device, the CPU without one).
+    The checkpoint's geometry is checked against `what` (the input, `ndim`-D with `channels` channels; `fix` ends
+    that message) and its files for damage before any weights are read: torch's errors name neither."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise ConfigError(f"{run}: no complete checkpoint found in {run / CHECKPOINTS}")
+    ckpt = checkpoint.choose(run / CHECKPOINTS, ckpt)
+    what = what or str(run)
+    checkpoint.check_geometry(ckpt, ndim, channels, what, fix)
+    checkpoint.check_files(ckpt, checkpoint.INFER_WITH)
     from deepspeed.accelerator import get_accelerator
 
     from hrvit.engine.session import task_for
 
     model = task_for(cfg).build_model(ndim, channels)
-    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    try:
+        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        # a checkpoint from before COMPLETE recorded the geometry
+        raise DataError(f"{what}: the weights of {ckpt} do not fit a model for {ndim}-D images with {channels} "
+                        f"channel(s) ({str(err).strip().splitlines()[-1].strip()[:200]}){fix}") from None
     return model.to(device or get_accelerator().current_device_name()).eval()

@@ -142,10 +142,14 @@ class IPSClassifier(nn.Module):
 
     def score(self, patches: Tensor, boxes: Tensor, image_shape) -> Tensor:
         """Scores [n] of one image's n patches, jointly (the head's softmax runs over all n)."""
-        emb = self.embedder(patches)[None]
-        shape = torch.as_tensor(image_shape, device=patches.device).view(1, 2)
-        valid = torch.ones(1, len(patches), dtype=torch.bool, device=patches.device)
-        return self.head.scores(emb, boxes[None], shape, valid)[0]
+        return self.score_embedded(self.embedder(patches), boxes, image_shape)
+
+    def score_embedded(self, emb: Tensor, boxes: Tensor, image_shape) -> Tensor:
+        """`score` from the patches' embeddings [n, dim], which IPS keeps from chunk to chunk: a patch's
+        embedding does not depend on the other patches, its score does (softmax over the n)."""
+        shape = torch.as_tensor(image_shape, device=emb.device).view(1, 2)
+        valid = torch.ones(1, len(emb), dtype=torch.bool, device=emb.device)
+        return self.head.scores(emb[None], boxes[None], shape, valid)[0]
 
     def forward(self, pixels: Tensor, boxes: Tensor, valid: Tensor, image_shape: Tensor) -> list[Tensor]:
         """pixels [B, M, C, S, S] of the selected patches -> logits per task, each [B, classes]."""
