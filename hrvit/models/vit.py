@@ -277,9 +277,18 @@ class ViTEncoder(nn.Module):
 def _init_linear(m: nn.Module) -> None:
     """timm's ViT init for Linear layers (truncated normal, std 0.02, zero bias)."""
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        _trunc_normal(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def _trunc_normal(w: Tensor, std: float, a: float = -2.0, b: float = 2.0) -> None:
+    """Normal(0, std) truncated to [a, b], drawn by inverting the normal CDF on a uniform sample: the draw timm
+    makes, so a seed gives the weights it gave when the blocks were timm's (torch's trunc_normal_ draws
+    differently)."""
+    cdf = [(1 + math.erf(x / std / math.sqrt(2))) / 2 for x in (a, b)]
+    w.uniform_(2 * cdf[0] - 1, 2 * cdf[1] - 1).erfinv_().mul_(std * math.sqrt(2)).clamp_(a, b)
 
 
 class Segmenter(nn.Module):
