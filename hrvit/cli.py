@@ -19,9 +19,6 @@ from pathlib import Path
 
 from hrvit.errors import PREEMPTED_EXIT, HrvitError
 
-"""`hrvit train` exit status after SIGTERM/SIGUSR1 and a complete checkpoint (EX_TEMPFAIL): requeue the job."""
-
-
 CHECKPOINT_HELP = ("checkpoint to use: a tag in RUN_DIR/checkpoints (e.g. step0000008) or a checkpoint folder; "
                    "default: the newest complete one")
 

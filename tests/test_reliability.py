@@ -294,6 +294,19 @@ def test_check_data_lists_every_planted_problem(slides, tmp_path):
     assert "0 of 6 case(s) with problems" in clean.stdout
 
 
+def test_check_data_lists_training_cases_without_a_label(slides, tmp_path):
+    from hrvit.config import load_config
+    from hrvit.data.check import check_data
+
+    data = _copy(slides, tmp_path)
+    rows = [line.split(",") for line in (data / "manifest.csv").read_text().splitlines()]
+    (data / "manifest.csv").write_text("\n".join(f"{r[0]},{r[2]}" for r in rows) + "\n")  # no label column
+    cfg = load_config(RECIPE, [*TINY, f"data.manifest={data / 'manifest.csv'}"])
+    problems = {r["case"]: r["problem"] for r in check_data(cfg)[0]}
+    assert "train case slide_000 has no label" in problems["slide_000"]
+    assert sum("has no label" in p for p in problems.values()) == 6  # 4 training and 2 validation cases
+
+
 def test_manifest_paths_stay_inside_the_dataset_root(slides, tmp_path):
     data = _copy(slides, tmp_path)
     (data / "sub").mkdir()

@@ -19,7 +19,15 @@ import numpy as np
 import torch
 
 from hrvit.config import Config
-from hrvit.data.datasets import CaseSpec, check_labels, check_min_size, check_target, discover, open_case
+from hrvit.data.datasets import (
+    CaseSpec,
+    check_label_given,
+    check_labels,
+    check_min_size,
+    check_target,
+    discover,
+    open_case,
+)
 from hrvit.data.preflight import FileCache, check_finite, check_token_budget, overlap_message, split_overlaps
 from hrvit.errors import ConfigError, DataError
 
@@ -57,7 +65,8 @@ def check_case(cfg: Config, spec: CaseSpec, min_tissue: float,
     except DataError as err:
         return [str(err)], None, None
     problems = []
-    checks = (lambda: check_min_size(case, cfg.patching.patch_size), lambda: check_labels(case, cfg.data.num_classes))
+    checks = (lambda: check_label_given(spec, cfg.eval.split), lambda: check_min_size(case, cfg.patching.patch_size),
+              lambda: check_labels(case, cfg.data.num_classes))
     if cfg.task == "classify":
         checks = (lambda: check_target(spec, cfg.data.num_classes), lambda: check_min_size(case, cfg.ips.patch))
     checks = (*checks, lambda: check_finite(spec, cache))

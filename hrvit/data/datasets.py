@@ -233,6 +233,13 @@ def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[in
     return Case(spec, image, label)
 
 
+def check_label_given(spec: CaseSpec, eval_split: str) -> None:
+    """A segmentation case that is trained or evaluated on needs a label map (task: segment)."""
+    if spec.label is None and spec.split in ("train", eval_split):
+        raise DataError(f"{spec.image[0]}: {spec.split} case {spec.id} has no label; task: segment trains and "
+                        "evaluates on label maps (a 'label' column in the manifest)")
+
+
 def check_target(spec: CaseSpec, num_classes: int) -> None:
     """An image-level class (task: classify) must be given and lie in [0, num_classes)."""
     if spec.target is None:

@@ -12,13 +12,12 @@ from pathlib import Path
 import torch
 
 from hrvit.config import Config
-from hrvit.data.datasets import CaseSpec, check_labels, check_min_size, open_case
+from hrvit.data.datasets import CaseSpec, check_label_given, check_labels, check_min_size, open_case
 from hrvit.data.windows import TrainWindows
 from hrvit.engine.infer import predict_case, read_truth
 from hrvit.engine.losses import loss_from_sums, segmentation_sums
 from hrvit.engine.metrics import dice_counts, summarize
 from hrvit.engine.picture import read_for_picture, write_picture
-from hrvit.errors import DataError
 from hrvit.models import build_model
 from hrvit.parallel import comm
 from hrvit.parallel.shard import SequenceParallelForward, shard_batch, sum_over_group
@@ -42,9 +41,7 @@ class SegmentTask:
     def check_case(self, spec: CaseSpec):
         """Open one case and check its size and label values (DataError naming the file); a training or
         evaluated case must have a label."""
-        if spec.label is None and spec.split in ("train", self.cfg.eval.split):
-            raise DataError(f"{spec.image[0]}: {spec.split} case {spec.id} has no label; task: segment trains and "
-                            "evaluates on label maps (a 'label' column in the manifest)")
+        check_label_given(spec, self.cfg.eval.split)
         case = open_case(spec, num_classes=self.cfg.data.num_classes)
         check_min_size(case, self.cfg.patching.patch_size)
         if case.label is not None:
