@@ -112,7 +112,10 @@ class ModelConfig:
 @dataclass
 class ParallelConfig:
     sp_size: int = 1
-    """Sequence-parallel group size (1 = off)."""
+    """Sequence-parallel group size (1 = off): the Ulysses degree times `ring`."""
+    ring: int = 1
+    """Ring-attention degree inside each SP group (divides sp_size). Ulysses needs sp_size / ring to divide the
+    heads; ring attention has no head limit, so e.g. the tiny preset (3 heads) runs SP 4 as ring 4."""
     timeout_s: int = 300
     """Collective timeout: a lost rank stops the job after this many seconds instead of hanging."""
 
@@ -394,6 +397,19 @@ def validate(cfg: Config) -> None:
     need(t.dice_weight >= 0 and t.ce_weight >= 0 and t.dice_weight + t.ce_weight > 0,
          "train.dice_weight/train.ce_weight: must be >= 0 and not both 0")
     need(cfg.parallel.sp_size >= 1, f"parallel.sp_size: {cfg.parallel.sp_size} must be >= 1")
+    need(cfg.parallel.ring >= 1, f"parallel.ring: {cfg.parallel.ring} must be >= 1")
+    pc, sp = cfg.patching, cfg.parallel.sp_size
+    tokens = pc.tokens if pc.mode == "adaptive" and pc.threshold is None else \
+        (cfg.data.window // pc.patch_size) ** 2 if pc.mode == "uniform" and cfg.data.window else None
+    need(tokens is None or tokens >= sp, f"parallel.sp_size: {sp} is more than the {tokens} tokens of a sample "
+         f"({'patching.tokens' if pc.mode == 'adaptive' else 'data.window / patching.patch_size, squared'}): every "
+         "rank of an SP group needs at least one token")
+    if cfg.parallel.sp_size > 1 or cfg.parallel.ring > 1:  # heads are known before any rank starts
+        from hrvit.models.vit import PRESETS
+        from hrvit.parallel.topology import check_heads
+
+        preset = PRESETS.get(cfg.model.preset, {})
+        check_heads(cfg.parallel.sp_size, cfg.parallel.ring, cfg.model.num_heads or preset.get("num_heads"))
     need(cfg.parallel.timeout_s >= 1, "parallel.timeout_s: must be >= 1")
     need(cfg.eval.every >= 0, "eval.every: must be >= 0")
     need(cfg.eval.batch >= 1, "eval.batch: must be >= 1")

@@ -14,7 +14,7 @@ from conftest import REPO
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all",
                "all_to_all_single", "broadcast", "broadcast_object_list", "barrier", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list", "send",
-               "recv", "isend", "irecv", "monitored_barrier", "inference_all_reduce"}
+               "recv", "isend", "irecv", "batch_isend_irecv", "monitored_barrier", "inference_all_reduce"}
 COMM_MODULES = ("torch.distributed", "deepspeed.comm")
 ALLOWED = {Path("hrvit/parallel/comm.py")}
 

@@ -89,18 +89,31 @@ def references(slides, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, checkpoint, patching", [
-    (2, False, "uniform"), (3, True, "uniform"), (2, True, "adaptive")])
-def test_sp2_training_matches_one_process(references, slides, tmp_path, stage, checkpoint, patching):
-    """SP = 2 on 2 ranks vs 1 process on the same data, ZeRO 2/3 (ZeRO-1: the DP x SP test), 5 steps: losses
-    and every parameter within 1e-5, parameters bit-identical on both SP ranks, the same full-resolution Dice.
-    Activation checkpointing is on in some runs and off in others: both match one process."""
+@pytest.mark.parametrize("stage, checkpoint, patching, ring", [
+    (2, False, "uniform", 1), (3, True, "uniform", 1), (3, True, "adaptive", 2)])
+def test_sp2_training_matches_one_process(references, slides, tmp_path, stage, checkpoint, patching, ring):
+    """SP = 2 (Ulysses, or ring attention) on 2 ranks vs 1 process on the same data, ZeRO 2/3 (ZeRO-1: the DP x SP
+    test), 5 steps: losses and every parameter within 1e-5, parameters bit-identical on both SP ranks, the same
+    full-resolution Dice. Activation checkpointing is on in some runs and off in others: both match one process."""
     got = probe(tmp_path, *SMALL, *PATCHING[patching], f"data.manifest={slides}",
-                f"deepspeed.config=ds_configs/zero{stage}.json", "parallel.sp_size=2",
+                f"deepspeed.config=ds_configs/zero{stage}.json", "parallel.sp_size=2", f"parallel.ring={ring}",
                 f"model.checkpoint_activations={str(checkpoint).lower()}", ranks=2)
     assert got["summary"]["sp_size"] == 2 and got["summary"]["dp_size"] == 1
     assert got["summary"]["patching"] == patching
     ref = references(patching)
+    assert_same_training(ref, got)
+    assert_ranks_identical(got)
+    assert_same_eval(ref, got)
+
+
+@pytest.mark.slow
+def test_ulysses_2_x_ring_2_on_4_ranks_matches_one_process(references, slides, tmp_path):
+    """SP = 4 as Ulysses 2 x ring 2 (ZeRO-1, adaptive tokens with padding, balanced shards) vs 1 process: losses
+    and every parameter within 1e-5 after 5 steps, identical on all 4 ranks, the same Dice."""
+    got = probe(tmp_path, *SMALL, *PATCHING["adaptive"], f"data.manifest={slides}",
+                "deepspeed.config=ds_configs/zero1.json", "parallel.sp_size=4", "parallel.ring=2", ranks=4)
+    assert got["summary"]["sp_size"] == 4 and got["summary"]["dp_size"] == 1
+    ref = references("adaptive")
     assert_same_training(ref, got)
     assert_ranks_identical(got)
     assert_same_eval(ref, got)
@@ -120,12 +133,20 @@ def test_dp2_x_sp2_on_4_ranks_matches_dp2(slides, tmp_path):
 
 
 @pytest.mark.slow
-def test_3d_sp2_training_matches_one_process(volumes, tmp_path):
+@pytest.mark.parametrize("sp, ring, extra", [
+    (2, 1, []),
+    # 3 heads: Ulysses could not split them 4 ways, ring attention can; adaptive octree tokens with padding
+    (4, 4, ["model.embed_dim=48", "model.num_heads=3", "patching.mode=adaptive", "patching.tokens=23",
+            "data.window=null", "deepspeed.config=ds_configs/zero2.json"]),
+])
+def test_3d_sp_training_matches_one_process(volumes, tmp_path, sp, ring, extra):
+    """3-D, SP = 2 (Ulysses, ZeRO-1, checkpointing) and SP = 4 (ring 4, ZeRO-2) vs 1 process: losses and every
+    parameter within 1e-5 after 5 steps, identical on all SP ranks, the same Dice."""
     recipe = "launch/recipes/quickstart3d.yaml"
-    common = [*VOLUME, f"data.root={volumes}", "deepspeed.config=ds_configs/zero1.json"]
+    common = [*VOLUME, f"data.root={volumes}", "deepspeed.config=ds_configs/zero1.json", *extra]
     ref = probe(tmp_path / "one", *common, recipe=recipe)
-    got = probe(tmp_path / "sp2", *common, "parallel.sp_size=2", "model.checkpoint_activations=true",
-                ranks=2, recipe=recipe)
+    got = probe(tmp_path / "sp", *common, f"parallel.sp_size={sp}", f"parallel.ring={ring}",
+                "model.checkpoint_activations=true", ranks=sp, recipe=recipe)
     assert_same_training(ref, got)
     assert_ranks_identical(got)
     assert_same_eval(ref, got)
@@ -147,8 +168,9 @@ def test_bf16_training_stays_close_to_fp32(references, slides, tmp_path):
 # ---------------------------------------------------------------- model level: attention, loss, drop-path
 
 
-def _model_worker(rank, world, port, ndim, checkpoint):
-    """Each rank runs the whole model once alone and once as part of the SP group, and compares."""
+def _model_worker(rank, world, port, ndim, checkpoint, ring, fused):
+    """Each rank runs the whole model once alone and once as part of the SP group, and compares. fused=False:
+    ring attention's blocks run the chunked torch code that non-CPU devices run, in chunks of 64 scores."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
@@ -156,13 +178,16 @@ def _model_worker(rank, world, port, ndim, checkpoint):
 
     from hrvit.engine.losses import loss_from_sums, segmentation_loss, segmentation_sums
     from hrvit.models import build_model
-    from hrvit.parallel.attention import ulysses_core
+    from hrvit.parallel import attention
+    from hrvit.parallel.attention import sequence_parallel_core
     from hrvit.parallel.dist import init_distributed
     from hrvit.parallel.shard import gather_tokens, sum_over_group
     from hrvit.parallel.topology import SequenceParallel
 
     init_distributed(60)
-    sp = SequenceParallel(world)
+    if not fused:
+        attention._fused, attention.SCORE_ELEMENTS = (lambda q: False), 64
+    sp = SequenceParallel(world, ring)
     p, length = 4, 11
     torch.manual_seed(0)
     model = build_model("nano", ndim=ndim, patch_size=p, in_chans=2, num_classes=3, embed_dim=32, depth=4,
@@ -182,7 +207,7 @@ def _model_worker(rank, world, port, ndim, checkpoint):
     ref_grads = {n: q.grad.clone() for n, q in model.named_parameters()}
     model.zero_grad()
 
-    model.encoder.set_attention_core(ulysses_core(sp.group))
+    model.encoder.set_attention_core(sequence_parallel_core(sp))
     local = shard_batch({"pixels": pixels, "boxes": boxes, "valid": valid, "target": target}, world, sp.sp_rank)
     torch.manual_seed(1)
     logits = model(local["pixels"], local["boxes"], local["valid"], shape, local["key_valid"])
@@ -190,7 +215,7 @@ def _model_worker(rank, world, port, ndim, checkpoint):
     loss = loss_from_sums(sum_over_group(segmentation_sums(logits[lv], local["target"][lv]), sp.group))
     loss.backward()
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
-    full = gather_tokens(logits.detach(), sp.group, length)
+    full = gather_tokens(logits.detach(), sp.group, local["token_order"], length)
     torch.testing.assert_close(full[valid], ref_logits.detach()[valid], rtol=0, atol=1e-5)
     for name, q in model.named_parameters():
         dist.all_reduce(q.grad)  # what ZeRO 0-2 do over an SP group
@@ -199,12 +224,17 @@ def _model_worker(rank, world, port, ndim, checkpoint):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("ndim, checkpoint", [(3, True)])  # 2-D, with and without checkpointing: end to end above
-def test_ulysses_model_matches_one_process(ndim, checkpoint):
-    """Whole model (encoder with Ulysses attention + per-token decoder + Dice/CE from summed counts),
-    with padding inside the sequence and drop-path on: logits, loss and summed gradients on 2 ranks
-    equal the one-process ones (1e-5)."""
-    torch.multiprocessing.spawn(_model_worker, args=(2, free_port(), ndim, checkpoint), nprocs=2)
+@pytest.mark.parametrize("ndim, checkpoint, world, ring, fused", [
+    (3, True, 2, 1, True),  # Ulysses 2 (2-D, with and without checkpointing: end to end above)
+    (2, False, 2, 2, False),  # ring 2, chunked torch blocks
+    (2, True, 4, 2, True),  # Ulysses 2 x ring 2, torch's fused CPU kernel per block
+    (3, False, 4, 4, False),  # ring 4, chunked torch blocks
+])
+def test_sp_model_matches_one_process(ndim, checkpoint, world, ring, fused):
+    """Whole model (encoder with Ulysses, ring or Ulysses x ring attention + per-token decoder + Dice/CE
+    from summed counts), with padding inside the sequence and drop-path on: logits, loss and summed
+    gradients on 2 or 4 ranks equal the one-process ones (1e-5)."""
+    torch.multiprocessing.spawn(_model_worker, args=(world, free_port(), ndim, checkpoint, ring, fused), nprocs=world)
 
 
 def test_loss_from_split_sums_equals_whole_loss():
@@ -224,15 +254,51 @@ def test_loss_from_split_sums_equals_whole_loss():
 
 
 def test_shard_batch_pads_with_invalid_tokens_and_keeps_the_whole_mask():
+    """Real tokens first, dealt to the ranks in turn; padding to a multiple of sp; key_valid and token_order
+    in the order the group holds the tokens."""
     valid = torch.tensor([[True, True, False, True, True]])
     batch = {"pixels": torch.arange(5.0).view(1, 5, 1), "valid": valid, "target": torch.zeros(1, 5, 2).long()}
     parts = [shard_batch(batch, 2, r) for r in range(2)]
-    assert [p["pixels"].flatten().tolist() for p in parts] == [[0, 1, 2], [3, 4, 0]]
-    assert parts[1]["valid"].tolist() == [[True, True, False]] and parts[1]["target"][0, 2].tolist() == [-1, -1]
+    assert [p["pixels"].flatten().tolist() for p in parts] == [[0, 3, 2], [1, 4, 0]]
+    assert parts[0]["valid"].tolist() == [[True, True, False]] and parts[1]["valid"].tolist() == [[True, True, False]]
+    assert parts[1]["target"][0, 2].tolist() == [-1, -1]
     for p in parts:
+        assert p["token_order"].tolist() == [[0, 3, 2, 1, 4, 5]]
         assert p["key_valid"].tolist() == [[True, True, False, True, True, False]]
     with pytest.raises(ConfigError, match="parallel.sp_size: 8 is more than the 5 token"):
         shard_batch(batch, 8, 0)
+
+
+@pytest.mark.parametrize("sp", [2, 3, 4])
+def test_adaptive_shards_are_balanced_and_put_back_in_place(sp):
+    """Adaptive sequences (real leaves, then padding longer than one rank's share) of a batch of two images
+    with different leaf counts: every rank holds the same number of real tokens as any other, up to one, per
+    sample (consecutive slices would leave the last ranks nothing but padding), and gathering the shares by
+    token_order gives back the batch."""
+    from hrvit.config import PatchingConfig
+    from hrvit.patching import collate, patch_adaptive
+
+    cfg = PatchingConfig(mode="adaptive", patch_size=8, threshold=2.0)
+    images = torch.zeros(2, 1, 128, 128)
+    images[0, :, 16:32, 64:80] = 1  # a square: few leaves
+    images[1, :, ::8, :] = images[1, :, :, ::8] = 1  # a grid: many leaves
+    seqs = [patch_adaptive(image, cfg) for image in images]
+    batch = collate(seqs)
+    length, real = batch["valid"].shape[1], batch["valid"].sum(1)
+    share = -(-length // sp)
+    assert (length - real.min()) > share, "padding must exceed one rank's share for this test to mean anything"
+    parts = [shard_batch(batch, sp, r) for r in range(sp)]
+    counts = torch.stack([p["valid"].sum(1) for p in parts])  # [sp, B]
+    assert (counts.max(0).values - counts.min(0).values <= 1).all(), counts
+    assert counts.sum(0).tolist() == real.tolist()
+    contiguous = [batch["valid"][:, r * share:(r + 1) * share].sum(1) for r in range(sp)]
+    assert (torch.stack(contiguous).max(0).values - torch.stack(contiguous).min(0).values > 1).any()
+    order = parts[0]["token_order"]
+    held = torch.cat([p["pixels"] for p in parts], 1)
+    back = torch.empty_like(held)
+    back[torch.arange(2)[:, None], order] = held
+    assert torch.equal(back[:, :length], batch["pixels"])
+    assert torch.equal(parts[0]["key_valid"].view(2, sp, share), torch.stack([p["valid"] for p in parts], 1))
 
 
 # ---------------------------------------------------------------- topology and config errors
@@ -247,6 +313,27 @@ def test_bad_topology_is_a_config_error(sp, world, heads, message):
     with pytest.raises(ConfigError, match=message):
         check_parallel(sp, world, heads)
     check_parallel(2, 4, 4)
+
+
+def test_ring_lifts_the_head_limit_and_bad_degrees_are_refused_before_any_rank_starts():
+    """The tiny preset has 3 heads: SP 4 as Ulysses 2 x ring 2 is refused for its Ulysses part (the message
+    names the ring degree that works), as ring 4 it is accepted; a ring degree that does not divide sp_size
+    and an SP size above the tokens of a sample are refused too. All at config loading, before any rank."""
+    from hrvit.config import load_config
+
+    tiny = ["model.preset=tiny"]
+    with pytest.raises(ConfigError, match=r"parallel.sp_size: 4 / parallel.ring: 2 = Ulysses degree 2 does not "
+                                          r"divide the model's 3 attention heads.*set parallel.ring=4"):
+        load_config(RECIPE, [*tiny, "parallel.sp_size=4", "parallel.ring=2"])
+    with pytest.raises(ConfigError, match=r"parallel.sp_size: 4 does not divide .* 3 attention heads.*ring=4"):
+        load_config(RECIPE, [*tiny, "parallel.sp_size=4"])
+    cfg = load_config(RECIPE, [*tiny, "parallel.sp_size=4", "parallel.ring=4"])
+    assert (cfg.parallel.sp_size, cfg.parallel.ring) == (4, 4)
+    check_parallel(4, 8, 3, ring=4)
+    with pytest.raises(ConfigError, match="parallel.ring: 3 does not divide parallel.sp_size: 4"):
+        load_config(RECIPE, [*tiny, "parallel.sp_size=4", "parallel.ring=3"])
+    with pytest.raises(ConfigError, match="parallel.sp_size: 8 is more than the 4 tokens of a sample"):
+        load_config(RECIPE, ["parallel.sp_size=8", "parallel.ring=8", "patching.mode=adaptive", "patching.tokens=4"])
 
 
 def test_sp_size_larger_than_the_launch_exits_2_and_writes_nothing(slides, tmp_path):

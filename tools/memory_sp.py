@@ -1,6 +1,7 @@
 """Peak memory per rank of one training step at a long sequence, for several SP sizes.
 
-    python tools/memory_sp.py                        # 16,384 tokens, SP = 1, 2, 4, nano preset
+    python tools/memory_sp.py                        # 16,384 tokens, SP = 1, 2, 4 (Ulysses), nano preset
+    python tools/memory_sp.py --sp 1 2 4 1x2 1x4 2x2   # UxR: Ulysses U x ring R (1x4 = ring attention over 4)
     python tools/memory_sp.py --tokens 65536 --sp 1 2 4 8 --preset base --checkpoint
 
 Each SP size runs as its own group of processes (gloo on CPU, NCCL on GPUs; `--backend gloo` lets
@@ -15,7 +16,8 @@ gradients, optimizer state and kernels are allocated before the measured one.
 
 The last column extrapolates linearly to the sequence that fits a memory budget (--budget-gib):
 attention runs through SDPA without a mask here, whose fused kernels keep memory linear in the
-sequence length, so activation memory per token is constant.
+sequence length, and ring attention computes its scores in chunks of hrvit.parallel.attention.SCORE_ELEMENTS,
+so activation memory per token is constant.
 """
 
 from __future__ import annotations
@@ -46,11 +48,13 @@ def worker(args) -> None:
     from hrvit.parallel import comm
 
     world = int(os.environ["WORLD_SIZE"])
+    ring = args.ring
     precision = {"fp32": [], "bf16": ["deepspeed.overrides.bf16.enabled=true"],
                  "fp16": ["deepspeed.overrides.fp16.enabled=true"]}[args.precision]
     cfg = load_config(REPO / "launch/recipes/quickstart.yaml", [
         f"model.preset={args.preset}", f"patching.patch_size={args.patch}", "patching.mode=uniform",
-        f"parallel.sp_size={world}", f"model.checkpoint_activations={str(args.checkpoint).lower()}",
+        f"parallel.sp_size={world}", f"parallel.ring={ring}",
+        f"model.checkpoint_activations={str(args.checkpoint).lower()}",
         "train.micro_batch=1", "parallel.timeout_s=600", *precision])
     session = start(cfg)
     gpu = session.device.type == "cuda"
@@ -82,7 +86,8 @@ def worker(args) -> None:
     rows = comm.all_gather_object({"held": held, "peak": peak, "seconds": seconds})
     if session.rank == 0:
         worst = max(rows, key=lambda r: r["peak"] - r["held"])
-        print("RESULT " + json.dumps({"sp": world, "tokens": length, "tokens_per_rank": math.ceil(length / world),
+        print("RESULT " + json.dumps({"sp": world, "ring": ring, "tokens": length,
+                                      "tokens_per_rank": math.ceil(length / world),
                                       "device": "gpu" if gpu else "cpu", "precision": args.precision,
                                       "backend": str(torch.distributed.get_backend()), **worst}), flush=True)
     comm.barrier()
@@ -95,7 +100,20 @@ def grid(tokens: int) -> tuple[int, int]:
     return rows, tokens // rows
 
 
-def launch(args, sp: int) -> dict:
+def layout(text: str) -> tuple[int, int]:
+    """'4' -> SP 4 as Ulysses 4; '2x2' -> Ulysses 2 x ring 2 (SP 4); '1x4' -> ring 4. Returns (sp, ring)."""
+    u, _, r = text.partition("x")
+    try:
+        u, r = int(u), int(r or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected an SP size such as 4, or Ulysses x ring such as 2x2") from None
+    if u < 1 or r < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: degrees must be >= 1")
+    return u * r, r
+
+
+def launch(args, sp: int, ring: int) -> dict:
     """Start `sp` processes of this script as one group and return rank 0's measurement."""
     from hrvit.parallel.env import free_port
 
@@ -106,7 +124,8 @@ def launch(args, sp: int) -> dict:
     if args.backend == "gloo":
         base["HRVIT_DIST_BACKEND"] = "gloo"  # several ranks may then share one GPU (NCCL refuses that)
     argv = [sys.executable, __file__, "--worker", "--tokens", str(args.tokens), "--preset", args.preset,
-            "--patch", str(args.patch), "--precision", args.precision] + (["--checkpoint"] if args.checkpoint else [])
+            "--patch", str(args.patch), "--precision", args.precision, "--ring", str(ring)]
+    argv += ["--checkpoint"] if args.checkpoint else []
     procs = [subprocess.Popen(argv, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=REPO,
                               stdout=subprocess.PIPE, text=True) for r in range(sp)]
     outs = [p.communicate()[0] for p in procs]
@@ -114,7 +133,7 @@ def launch(args, sp: int) -> dict:
 
     release_shm_buffers(port)
     if any(p.returncode for p in procs):
-        raise SystemExit(f"SP={sp}: a worker failed (exit codes {[p.returncode for p in procs]})")
+        raise SystemExit(f"SP={sp} (ring {ring}): a worker failed (exit codes {[p.returncode for p in procs]})")
     line = next(line for line in outs[0].splitlines() if line.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
 
@@ -129,7 +148,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=16384,
                     help="sequence length (default 16384), laid out as the most nearly square window")
-    ap.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="SP sizes to measure (default 1 2 4)")
+    ap.add_argument("--sp", type=layout, nargs="+", default=[(1, 1), (2, 1), (4, 1)],
+                    help="SP layouts to measure: an SP size (Ulysses), or UxR for Ulysses U x ring R, e.g. 2x2 "
+                         "or 1x4 (default 1 2 4)")
     ap.add_argument("--preset", default="nano", help="model preset (default nano)")
     ap.add_argument("--patch", type=int, default=16, help="patch size p (default 16)")
     ap.add_argument("--checkpoint", action="store_true", help="activation checkpointing on")
@@ -140,6 +161,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     ap.add_argument("--budget-gib", type=float, default=64.0, help="memory budget per rank for the last column")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--ring", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -147,7 +169,7 @@ def main() -> None:
     if args.tokens < 1:
         ap.error(f"--tokens {args.tokens}: must be >= 1")
     command = "python tools/memory_sp.py " + " ".join(sys.argv[1:])
-    results = [launch(args, sp) for sp in args.sp]
+    results = [launch(args, sp, ring) for sp, ring in args.sp]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, "preset": args.preset, "patch": args.patch,
@@ -157,14 +179,16 @@ def main() -> None:
     budget = args.budget_gib * 2**30
     print(f"\n{command}\n{args.preset} preset, p = {args.patch}, {args.tokens} tokens, "
           f"checkpointing {'on' if args.checkpoint else 'off'}, {results[0]['device']}; per rank, worst rank\n")
-    print(f"| SP | tokens/rank | held before (MiB) | peak (MiB) | activation (MiB) | vs SP={base['sp']} "
+    print(f"| SP (Ulysses x ring) | tokens/rank | held before (MiB) | peak (MiB) | activation (MiB) "
+          f"| vs SP={base['sp']} "
           f"| step (s) | sequence that fits {args.budget_gib:g} GiB (tokens/rank) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         act = r["peak"] - r["held"]
         per_token = act / r["tokens"]  # activation bytes per token of the whole sequence at this SP
         fits = int((budget - r["held"]) / per_token) if per_token > 0 else 0
-        print(f"| {r['sp']} | {r['tokens_per_rank']} | {r['held'] / MIB:.0f} | {r['peak'] / MIB:.0f} "
+        print(f"| {r['sp']} ({r['sp'] // r['ring']} x {r['ring']}) | {r['tokens_per_rank']} "
+              f"| {r['held'] / MIB:.0f} | {r['peak'] / MIB:.0f} "
               f"| {act / MIB:.0f} | {act / base_act:.2f}x | {r['seconds']:.1f} "
               f"| {fits:,} ({fits // r['sp']:,}) |")
 

@@ -75,7 +75,7 @@ MIB = 2**20
 CACHE = REPO / "data" / "profile_cache"
 ALIASES = {
     "mode": "patching.mode", "L": "patching.tokens", "p": "patching.patch_size", "preset": "model.preset",
-    "sp": "parallel.sp_size", "zero": "deepspeed.overrides.zero_optimization.stage",
+    "sp": "parallel.sp_size", "ring": "parallel.ring", "zero": "deepspeed.overrides.zero_optimization.stage",
     "micro_batch": "train.micro_batch", "ckpt": "model.checkpoint_activations",
 }
 SPECIAL = ("resolution", "precision", "ranks")

@@ -180,12 +180,12 @@ class Session:
         return self.parallelize(self.task.build_model(self.ndim, self.channels))
 
     def parallelize(self, model):
-        """Give the encoder Ulysses attention over this rank's SP group (a no-op without SP)."""
+        """Give the encoder attention over this rank's SP group: Ulysses, ring or both (a no-op without SP)."""
         if self.sp is not None:
-            from hrvit.parallel.attention import ulysses_core
+            from hrvit.parallel.attention import sequence_parallel_core
 
-            check_parallel(self.sp.size, self.world, model.encoder.num_heads)
-            model.encoder.set_attention_core(ulysses_core(self.sp.group))
+            check_parallel(self.sp.size, self.world, model.encoder.num_heads, self.sp.ring)
+            model.encoder.set_attention_core(sequence_parallel_core(self.sp))
         return model
 
     def engine_for(self, model):
@@ -235,9 +235,9 @@ def start(cfg: Config) -> Session:
     """Join the process group, lay out SP x DP, derive the DeepSpeed config and check its precision.
     Collective: every rank calls it at the same point."""
     rank, world = init_distributed(cfg.parallel.timeout_s)
-    sp = cfg.parallel.sp_size
-    check_parallel(sp, world)
-    topo = SequenceParallel(sp) if sp > 1 else None  # collective: every rank, before any can fail
+    sp, ring = cfg.parallel.sp_size, cfg.parallel.ring
+    check_parallel(sp, world, ring=ring)
+    topo = SequenceParallel(sp, ring) if sp > 1 else None  # collective: every rank, before any can fail
     ds_config = deepspeed_config(cfg, world // sp)
     check_precision(ds_config)
     grad_sum_factor(ds_config, sp)  # refuses settings that scale gradients wrongly under SP

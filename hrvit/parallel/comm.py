@@ -10,6 +10,8 @@ collectives (pickled Python values) are torch's, which already stage them on the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -70,3 +72,26 @@ def broadcast_object(obj, src: int = 0):
 
 def barrier(group=None) -> None:
     dist.barrier(group=group)
+
+
+def ring_shift(tensor: torch.Tensor, group) -> Callable[[], torch.Tensor]:
+    """Start one step around the ring of `group`: `tensor` goes to the next rank, the previous rank's
+    tensor (same shape) comes in. Returns `wait`, which gives the received tensor on `tensor`'s device;
+    ring attention computes on the block it holds meanwhile. Point-to-point, which gloo and NCCL both have."""
+    ranks = dist.get_process_group_ranks(group)
+    if len(ranks) == 1:
+        return lambda: tensor
+    on = device(group)
+    me = ranks.index(dist.get_rank())
+    send = tensor.contiguous().to(on)
+    recv = torch.empty_like(send)
+    ops = [dist.P2POp(dist.isend, send, ranks[(me + 1) % len(ranks)], group),
+           dist.P2POp(dist.irecv, recv, ranks[(me - 1) % len(ranks)], group)]
+    requests = dist.batch_isend_irecv(ops)
+
+    def wait() -> torch.Tensor:
+        for request in requests:
+            request.wait()
+        return recv.to(tensor.device)
+
+    return wait

@@ -14,12 +14,23 @@ _FILL = {"pixels": 0, "boxes": 0, "level": 0, "valid": False, "target": IGNORE_I
 """Padding per batch field: padded tokens are invalid, and their pixels never count."""
 
 
-def shard_batch(batch: dict, sp_size: int, sp_rank: int) -> dict:
-    """This rank's slice of the token fields of a collated batch, plus `key_valid`, the valid mask
-    of the whole (padded) sequence that every rank's attention needs.
+def token_order(valid: torch.Tensor, sp_size: int) -> torch.Tensor:
+    """[B, L] positions of a padded sequence (L a multiple of sp_size) in the order the SP group holds
+    them; rank r holds order[:, r * L/sp : (r + 1) * L/sp]. Real tokens come first (stable) and are dealt
+    to the ranks in turn, so each rank holds the same number of real tokens as any other, up to one,
+    wherever the padding lies (adaptive sequences end in it, windows at the image edge have it inside)."""
+    batch, length = valid.shape
+    first = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+    return first.view(batch, length // sp_size, sp_size).transpose(1, 2).reshape(batch, length)
 
-    The sequence is padded with invalid tokens to a multiple of sp_size and cut into sp_size
-    consecutive slices; rank r keeps slice r (the order DistributedAttention gathers in).
+
+def shard_batch(batch: dict, sp_size: int, sp_rank: int) -> dict:
+    """This rank's share of the token fields of a collated batch, plus `key_valid`, the valid mask of the
+    whole (padded) sequence in the order the group holds it, which every rank's attention needs, and
+    `token_order` (see token_order), which gather_tokens needs to put outputs back in place.
+
+    Attention and the per-token decoder do not depend on the order of the tokens, and the loss sums
+    over them, so only gathered outputs need putting back.
     """
     length = batch["valid"].shape[1]
     if length < sp_size:
@@ -27,23 +38,29 @@ def shard_batch(batch: dict, sp_size: int, sp_rank: int) -> dict:
                           "use a larger data.window or a smaller parallel.sp_size")
     padded = math.ceil(length / sp_size) * sp_size
     local = padded // sp_size
-    start = sp_rank * local
-    out = dict(batch)
+
+    def pad(t, fill):
+        more = padded - length
+        return torch.cat([t, t.new_full((t.shape[0], more, *t.shape[2:]), fill)], 1) if more else t
+
+    valid = pad(batch["valid"], False)
+    order = token_order(valid, sp_size)
+    rows = torch.arange(order.shape[0])[:, None]
+    mine = order[:, sp_rank * local:(sp_rank + 1) * local]
+    out = dict(batch, key_valid=valid[rows, order], token_order=order)
     for key, fill in _FILL.items():
-        if key not in batch:
-            continue
-        t = batch[key]
-        if padded > length:
-            t = torch.cat([t, t.new_full((t.shape[0], padded - length, *t.shape[2:]), fill)], dim=1)
-        if key == "valid":
-            out["key_valid"] = t
-        out[key] = t[:, start:start + local]
+        if key in batch:
+            out[key] = pad(batch[key], fill)[rows, mine]
     return out
 
 
-def gather_tokens(local: torch.Tensor, group, length: int) -> torch.Tensor:
-    """[B, L/sp, ...] slices of the SP group -> [B, length, ...] (padding dropped); no gradient."""
-    return torch.cat(comm.all_gather(local, group), dim=1)[:, :length]
+def gather_tokens(local: torch.Tensor, group, order: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, L/sp, ...] shares of the SP group -> [B, length, ...] in sequence order (padding dropped);
+    `order` is the batch's token_order. No gradient."""
+    held = torch.cat(comm.all_gather(local, group), dim=1)
+    out = torch.empty_like(held)
+    out[torch.arange(held.shape[0])[:, None], order.to(held.device)] = held
+    return out[:, :length]
 
 
 class _SumOverGroup(torch.autograd.Function):
@@ -76,4 +93,4 @@ class SequenceParallelForward:
     def __call__(self, pixels, boxes, valid, image_shape):
         local = shard_batch({"pixels": pixels, "boxes": boxes, "valid": valid}, self.sp_size, self.sp_rank)
         logits = self.model(local["pixels"], local["boxes"], local["valid"], image_shape, local["key_valid"])
-        return gather_tokens(logits, self.group, valid.shape[1])
+        return gather_tokens(logits, self.group, local["token_order"], valid.shape[1])
