@@ -118,6 +118,9 @@ class ParallelConfig:
     heads; ring attention has no head limit, so e.g. the tiny preset (3 heads) runs SP 4 as ring 4."""
     timeout_s: int = 300
     """Collective timeout: a lost rank stops the job after this many seconds instead of hanging."""
+    zero_stage: int | None = None
+    """ZeRO stage 0-3, written into the DeepSpeed config over deepspeed.config's stage (null = the JSON's);
+    deepspeed.overrides setting another stage is an error."""
 
 
 @dataclass
@@ -144,6 +147,9 @@ class TrainConfig:
     """Weight of the cross-entropy term of the loss."""
     seed: int = 0
     """Seed for the model, the data order and every random transform."""
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    """Training precision, written into the DeepSpeed config (null = as deepspeed.config says; the shipped JSONs
+    train fp32). A JSON or deepspeed.overrides that enables another precision is an error."""
     log_every: int = 10
     """Steps between lines in metrics.jsonl and the log."""
     ckpt_every: int = 0
@@ -179,6 +185,18 @@ class OutputConfig:
     """Run folder: resolved config, metrics.jsonl, summary.json, checkpoints, pictures."""
     picture: bool = True
     """Write a PNG (image | truth | prediction) of the first evaluated case."""
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics for plotting, written by rank 0 at every logged step (train.log_every) and evaluation."""
+
+    csv: bool = False
+    """Append step,time,name,value rows to RUN/metrics.csv (names: train/loss, train/lr, train/samples_per_s,
+    train/tokens_per_s, eval/dice_mean, eval/dice_CLASS for each class, ...; classify: eval/accuracy, ...)."""
+    tensorboard: bool = False
+    """Write the same scalars as TensorBoard events into RUN/tensorboard (needs pip install 'hrvit[tensorboard]';
+    view with tensorboard --logdir RUN/tensorboard)."""
 
 
 @dataclass
@@ -225,6 +243,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     ips: IPSConfig = field(default_factory=IPSConfig)
 
@@ -411,6 +430,8 @@ def validate(cfg: Config) -> None:
         preset = PRESETS.get(cfg.model.preset, {})
         check_heads(cfg.parallel.sp_size, cfg.parallel.ring, cfg.model.num_heads or preset.get("num_heads"))
     need(cfg.parallel.timeout_s >= 1, "parallel.timeout_s: must be >= 1")
+    z = cfg.parallel.zero_stage
+    need(z is None or 0 <= z <= 3, f"parallel.zero_stage: {z} must be 0, 1, 2 or 3 (or null: the JSON's)")
     need(cfg.eval.every >= 0, "eval.every: must be >= 0")
     need(cfg.eval.batch >= 1, "eval.batch: must be >= 1")
     need(cfg.eval.split in ("train", "val", "test"), f"eval.split: {cfg.eval.split!r} is not train, val or test")
@@ -514,6 +535,8 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
                           '({"zero_optimization": {...}, ...})')
     ds = _merge(ds, cfg.deepspeed.overrides)
     check_deepspeed_keys(ds, f"{path.name} with deepspeed.overrides")
+    ds = _apply_settings(cfg, ds, path.name)
+    check_monitor_packages(ds)
     t = cfg.train
     derived = {
         "train_micro_batch_size_per_gpu": t.micro_batch,
@@ -544,6 +567,56 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def precision_of(ds: dict) -> str:
+    """'bf16', 'fp16' or 'fp32', as a DeepSpeed dict asks (bf16 first, as DeepSpeed reads it)."""
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+
+
+def _apply_settings(cfg: Config, ds: dict, json_name: str) -> dict:
+    """Write train.precision and parallel.zero_stage into the DeepSpeed dict. They replace what the JSON file
+    says, but a JSON or override that *enables* another precision, or an override naming another ZeRO stage, is
+    an explicit contrary choice: a ConfigError naming both keys, not a silent winner."""
+    overrides = cfg.deepspeed.overrides
+    want = cfg.train.precision
+    if want is not None:
+        for name in ("bf16", "fp16"):
+            given = overrides.get(name, {}).get("enabled") if isinstance(overrides.get(name), dict) else None
+            if name != want and ds.get(name, {}).get("enabled") or name == want and given is False:
+                where = (f"deepspeed.overrides.{name}.enabled={str(given).lower()}" if given is not None
+                         else f"{name}.enabled=true in deepspeed.config ({json_name})")
+                raise ConfigError(f"train.precision: {want} conflicts with {where}; set the precision in one place "
+                                  "(remove it from the DeepSpeed config, or set train.precision=null)")
+        for name in ("bf16", "fp16"):
+            if name == want or name in ds:
+                ds[name] = {**ds.get(name, {}), "enabled": name == want}
+    stage = cfg.parallel.zero_stage
+    if stage is not None:
+        given = (overrides.get("zero_optimization") or {}).get("stage")
+        if given is not None and given != stage:
+            raise ConfigError(f"parallel.zero_stage: {stage} conflicts with deepspeed.overrides.zero_optimization."
+                              f"stage={given}; set the stage in one place")
+        ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": stage}
+    return ds
+
+
+MONITOR_PACKAGES = {"tensorboard": ("tensorboard", "pip install 'hrvit[tensorboard]'"),
+                    "wandb": ("wandb", "pip install wandb"), "comet": ("comet_ml", "pip install comet_ml")}
+"""DeepSpeed monitor sections and the package each imports when enabled (at engine start, as a traceback)."""
+
+
+def check_monitor_packages(ds: dict) -> None:
+    """A DeepSpeed monitor enabled without its package is one ConfigError naming what to install."""
+    import importlib.util
+
+    for section, (module, install) in MONITOR_PACKAGES.items():
+        on = isinstance(ds.get(section), dict) and ds[section].get("enabled")
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"deepspeed: {section}.enabled=true needs the '{module}' package, which is not "
+                              f"installed: {install}")
 
 
 _DS_SECTIONS = {"zero_optimization": ("deepspeed.runtime.zero.config", "DeepSpeedZeroConfig"),

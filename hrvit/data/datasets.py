@@ -212,6 +212,17 @@ def discover(
     return specs
 
 
+def _level_hint(image, shape) -> str:
+    """The likeliest cause of a mask at another size, when its shape is one of the image's reduced levels: it was
+    exported from the slide's thumbnail or a pyramid level, which hrvit would otherwise silently misplace."""
+    shapes = [tuple(s) for s in getattr(image, "level_shapes", [])]
+    if tuple(shape) not in shapes[1:]:
+        return ""
+    i = shapes.index(tuple(shape), 1)
+    return (f"; it is the size of level {i} of the image (downsample {image.level_downsamples[i]:g}); "
+            "label masks must be at level-0 resolution")
+
+
 def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[int, int] | None = None) -> Case:
     """Open image and label and check they share one grid; labels are read through label_map
     (argument, else spec.label_map) and checked against num_classes on every read."""
@@ -225,7 +236,7 @@ def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[in
         if tuple(label.shape) != tuple(image.shape):
             raise DataError(
                 f"{spec.label}: label shape {tuple(label.shape)} does not match image shape "
-                f"{tuple(image.shape)} of {spec.image[0]}"
+                f"{tuple(image.shape)} of {spec.image[0]}{_level_hint(image, label.shape)}"
             )
         affine = getattr(image, "affine", None)
         if affine is not None and not np.allclose(getattr(label, "affine", affine), affine, atol=1e-3):

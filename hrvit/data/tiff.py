@@ -48,7 +48,7 @@ def write_pyramid(
     levels: int | None = None,
     compression: str | None = None,
     quality: int = 90,
-    mpp: float | None = None,
+    mpp: float | tuple[float, float] | None = None,
     workers: int | None = None,
 ) -> Path:
     """Write a tiled pyramidal TIFF; tile_fn(level, y0, x0, h, w) -> [h, w] or [h, w, C] at that level.
@@ -74,7 +74,8 @@ def write_pyramid(
     bigtiff = shape[0] * shape[1] * channels * dtype.itemsize > 2**31
     extra = {}
     if mpp:
-        extra = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+        mpp_y, mpp_x = (mpp, mpp) if np.ndim(mpp) == 0 else mpp  # (y, x), as every shape here
+        extra = {"resolution": (1e4 / mpp_x, 1e4 / mpp_y), "resolutionunit": "CENTIMETER"}
     tile_shape = (tile, tile) if channels == 1 else (tile, tile, channels)
 
     def make(level: int, y0: int, x0: int, th: int, tw: int) -> np.ndarray:
@@ -147,6 +148,19 @@ def write_pyramid_from_array(path, array: np.ndarray, *, resample: str | None = 
     return write_pyramid(path, array.shape[:2], tile_fn, channels=channels, dtype=array.dtype, levels=levels, **kw)
 
 
+def write_label_pyramid(path, shape: tuple[int, int], sample: Callable[[np.ndarray, np.ndarray], np.ndarray], *,
+                        tile: int = 256, mpp=None, workers: int | None = None) -> Path:
+    """A label pyramid written tile by tile from sample(ys, xs) -> uint8 [len(ys), len(xs)], the labels at those
+    level-0 rows and columns, so no level is ever held whole. Level l pixel (y, x) is the level-0 label at
+    (y * 2^l, x * 2^l): nearest of the level above, the pyramid write_pyramid_from_array writes for labels."""
+
+    def tile_fn(level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        f = 2**level
+        return sample(np.arange(y0, y0 + h, dtype=np.int64) * f, np.arange(x0, x0 + w, dtype=np.int64) * f)
+
+    return write_pyramid(path, shape, tile_fn, channels=1, dtype=np.uint8, tile=tile, mpp=mpp, workers=workers)
+
+
 def check_tiff(path) -> None:
     """Parse every IFD and fail loudly on a truncated or corrupt file (tifffile only warns, openslide
     may open it and fail on the first read of a missing tile)."""
@@ -168,3 +182,33 @@ def check_tiff(path) -> None:
     end = max((o + n for p in pages for o, n in zip(p.dataoffsets, p.databytecounts)), default=0)
     if next_ifd >= size or end > size:
         raise DataError(f"{path}: TIFF is truncated ({size} bytes on disk; its directories or tiles point further)")
+
+
+def check_pyramid(path, shapes) -> None:
+    """DataError unless every level of a pyramid (`shapes`: (h, w) per level, level 0 first, as the file lists
+    them) is a rounding (floor or ceil, as scanners and hrvit write them) of level 0 divided by one downsample,
+    and no level is larger than the one before it. Otherwise a leaf would be read from a stretched or shifted
+    region of that level without any error."""
+    shapes = [(int(h), int(w)) for h, w in shapes]
+    if not shapes:
+        return
+    h0, w0 = shapes[0]
+    for i in range(1, len(shapes)):
+        (h, w), (ph, pw) = shapes[i], shapes[i - 1]
+        if h > ph or w > pw:
+            raise DataError(f"{path}: pyramid level {i} is {h} x {w} (h x w), larger than level {i - 1} "
+                            f"({ph} x {pw}); levels must shrink from level 0, the full-resolution image")
+        # downsamples d with |level-0 size / d - level size| < 1 on each axis; empty intersection: no single d
+        low = max(h0 / (h + 1), w0 / (w + 1))
+        high = min(h0 / (h - 1) if h > 1 else np.inf, w0 / (w - 1) if w > 1 else np.inf)
+        if low >= high:
+            raise DataError(f"{path}: pyramid level {i} is {h} x {w} (h x w), which is not level 0 ({h0} x {w0}) "
+                            f"scaled by one factor (downsample {h0 / h:.4g} in y but {w0 / w:.4g} in x); its pixels "
+                            "would not line up with level 0")
+
+
+def tiled_page_shapes(path) -> list[tuple[int, int]]:
+    """(h, w) of the tiled top-level pages in file order: the levels OpenSlide's generic-tiff and Aperio readers
+    take (it sorts them by size, so a misplaced or stretched level is only visible in file order)."""
+    with tifffile.TiffFile(path) as tf:
+        return [(p.imagelength, p.imagewidth) for p in tf.pages if p.is_tiled]

@@ -1,7 +1,12 @@
-"""`hrvit predict`: full-resolution labels for new images, in the input's own format, plus a PNG overlay."""
+"""`hrvit predict`: full-resolution labels for new images, in the input's own format, plus a PNG overlay.
+
+Slides get a tiled label pyramid written tile by tile from the tokens' labels (never a full-resolution array),
+with the slide's microns per pixel, so OpenSlide and QuPath open it over the slide; volumes a NIfTI file with
+the input's affine; other images a PNG. Every file is written under a temporary name and renamed."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +14,9 @@ import numpy as np
 from hrvit.config import Config, check_writable_dir
 from hrvit.data.datasets import BRATS_LABEL_MAP, Case, CaseSpec
 from hrvit.data.sources import SlideSource, VolumeSource, open_image, suffix, write_nifti
-from hrvit.data.tiff import write_pyramid_from_array
-from hrvit.engine.infer import predict_case
-from hrvit.engine.picture import read_for_picture, write_picture
+from hrvit.data.tiff import write_label_pyramid
+from hrvit.engine.infer import LabelMap, picture_grid, picture_image, predict_labels
+from hrvit.engine.picture import write_picture
 from hrvit.engine.trainer import load_weights
 from hrvit.errors import DataError
 
@@ -50,18 +55,51 @@ def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path, c
     written = []
     for paths, source in zip(inputs, sources):
         case = Case(CaseSpec(_stem(paths[0]), list(paths), None, "test"), source, None)
-        pred = predict_case(model, case, window=cfg.data.window, patching=cfg.patching,
-                            batch=cfg.eval.batch, device=next(model.parameters()).device)
-        out.mkdir(parents=True, exist_ok=True)
-        name = _stem(paths[0])
-        if isinstance(source, SlideSource):
-            target = write_pyramid_from_array(out / f"{name}_pred.tiff", pred)
-        elif isinstance(source, VolumeSource):
-            target = write_nifti(out / f"{name}_pred.nii.gz", _stored_values(cfg, pred), source.affine, np.uint8)
-        else:
-            from PIL import Image
-
-            target = out / f"{name}_pred.png"
-            Image.fromarray(pred).save(target)
-        written += [target, write_picture(out / f"{name}_overlay.png", read_for_picture(source), None, pred)]
+        labels = predict_labels(model, case, window=cfg.data.window, patching=cfg.patching,
+                                batch=cfg.eval.batch, device=next(model.parameters()).device)
+        written += _write_outputs(cfg, out, _stem(paths[0]), source, labels)
     return written
+
+
+def _write_outputs(cfg: Config, out: Path, name: str, source, labels: LabelMap) -> list[Path]:
+    """The prediction in the input's own format and the overlay PNG, each complete or not there at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(source, "read_level"):  # slides (OpenSlide or tifffile): a label pyramid over the slide
+        target = _atomic(out / f"{name}_pred.tiff", lambda tmp: write_label_pyramid(
+            tmp, source.shape, lambda ys, xs: labels.sample([ys, xs]), mpp=slide_mpp(source)))
+    elif isinstance(source, VolumeSource):
+        pred = _stored_values(cfg, labels.full())
+        target = _atomic(out / f"{name}_pred.nii.gz", lambda tmp: write_nifti(tmp, pred, source.affine, np.uint8))
+    else:
+        from PIL import Image
+
+        target = _atomic(out / f"{name}_pred.png", lambda tmp: Image.fromarray(labels.full()).save(tmp))
+    image = picture_image(source)
+    small = labels.sample(picture_grid(source.shape, image.shape[1:]))
+    return [target, _atomic(out / f"{name}_overlay.png", lambda tmp: write_picture(tmp, image, None, small))]
+
+
+def slide_mpp(source) -> tuple[float, float] | None:
+    """(y, x) microns per pixel of a slide (as OpenSlide reads them, else the source's own), so the prediction
+    opens at the same scale."""
+    if isinstance(source, SlideSource):
+        props = source._slide.properties
+        x, y = props.get("openslide.mpp-x"), props.get("openslide.mpp-y")
+    else:
+        x = y = getattr(source, "mpp", None)
+    if not x and not y:
+        return None
+    return float(y or x), float(x or y)
+
+
+def _atomic(target: Path, write) -> Path:
+    """write(tmp) to a hidden name beside `target`, then rename: a failure never leaves a half-written file
+    under the real name (the temporary one is removed). The name keeps target's suffixes, which pick the
+    format."""
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

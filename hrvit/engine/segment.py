@@ -14,10 +14,10 @@ import torch
 from hrvit.config import Config
 from hrvit.data.datasets import CaseSpec, check_label_given, check_labels, check_min_size, open_case
 from hrvit.data.windows import TrainWindows
-from hrvit.engine.infer import predict_case, read_truth
+from hrvit.engine.infer import case_dice_counts, picture_grid, picture_image, truth_on_grid
 from hrvit.engine.losses import loss_from_sums, segmentation_sums
-from hrvit.engine.metrics import dice_counts, summarize
-from hrvit.engine.picture import read_for_picture, write_picture
+from hrvit.engine.metrics import summarize
+from hrvit.engine.picture import write_picture
 from hrvit.models import build_model
 from hrvit.parallel import comm
 from hrvit.parallel.shard import SequenceParallelForward, shard_batch, sum_over_group
@@ -82,7 +82,9 @@ class SegmentTask:
     @torch.no_grad()
     def evaluate(self, session, model, specs: list[CaseSpec], run: Path | None, step: int) -> dict:
         """Full-resolution Dice of the evaluation cases, shared among the data-parallel groups (Dice counts are
-        summed, so the result equals one process's). With SP, the ranks of a group run every window together.
+        summed, so the result equals one process's). Counts are taken window by window against the truth read
+        block by block (hrvit/engine/infer.py), so no full-resolution map is held. With SP, the ranks of a group
+        run every window together.
         `model` is the engine or a plain model; under ZeRO-3 a whole local copy runs (session.whole_model)."""
         from hrvit.engine.session import class_names, whole_model
 
@@ -98,12 +100,14 @@ class SegmentTask:
         for i in range(session.dp_rank, len(cases), session.dp_size):
             spec = cases[i]
             case = open_case(spec, num_classes=cfg.data.num_classes)
-            pred = predict_case(forward, case, window=cfg.data.window, patching=cfg.patching,
-                                batch=cfg.eval.batch, device=device)
-            truth = read_truth(case)
-            mine[spec.id] = dice_counts(pred, truth, cfg.data.num_classes)
-            if i == 0 and run is not None and cfg.output.picture and session.rank == 0:
-                write_picture(run / "prediction.png", read_for_picture(case.image), truth, pred)
+            picture = i == 0 and run is not None and cfg.output.picture and session.rank == 0
+            image = picture_image(case.image) if picture else None
+            grid = picture_grid(case.image.shape, image.shape[1:]) if picture else None
+            mine[spec.id], small = case_dice_counts(forward, case, window=cfg.data.window, patching=cfg.patching,
+                                                    batch=cfg.eval.batch, num_classes=cfg.data.num_classes,
+                                                    device=device, picture=grid)
+            if picture:
+                write_picture(run / "prediction.png", image, truth_on_grid(case, grid), small)
         net.train(was_training)
         found = {}
         for part in comm.all_gather_object(mine if session.sp_rank == 0 else {}):

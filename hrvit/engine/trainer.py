@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,8 +40,8 @@ import torch
 from hrvit.config import REPO_ROOT, Config, to_yaml, zero_stage
 from hrvit.data.windows import StepSampler, TrainWindows
 from hrvit.engine import checkpoint
-from hrvit.engine.log import RunLog
-from hrvit.engine.session import Session, on_rank0_then_share, precision, start
+from hrvit.engine.log import CSV, TENSORBOARD, RunLog, check_logging, forget_csv_after
+from hrvit.engine.session import Session, on_rank0_then_share, parameter_count, precision, start
 from hrvit.errors import PREEMPTED_EXIT, ConfigError, DataError, HrvitError
 from hrvit.parallel import comm
 from hrvit.parallel.dist import is_main
@@ -57,7 +58,7 @@ class Preempted(Exception):
 
 FAILED = "FAILED"
 """Marks a run folder whose run failed before its first checkpoint: nothing to resume, so a new run may reuse it."""
-RUN_FILES = ("metrics.jsonl", "environment.json", "config.yaml", "deepspeed.json", SKIPPED, FAILED)
+RUN_FILES = ("metrics.jsonl", CSV, "environment.json", "config.yaml", "deepspeed.json", SKIPPED, FAILED)
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -69,6 +70,7 @@ def prepare_run_dir(cfg: Config) -> Path:
         if is_main():
             for name in RUN_FILES:
                 (run / name).unlink(missing_ok=True)
+            shutil.rmtree(run / TENSORBOARD, ignore_errors=True)
         return run
     if (run / "metrics.jsonl").exists() and cfg.train.resume is None:
         raise ConfigError(f"output.dir: {run} already holds a run; set train.resume=auto to continue it "
@@ -162,7 +164,50 @@ def checkpoint_meta(session: Session, model) -> dict:
                       "decoder_channels": m.decoder_channels, "patch_size": cfg.patching.patch_size,
                       "num_classes": cfg.data.num_classes, "ndim": ndim, "channels": channels,
                       "parameter_shapes": hashlib.sha1(shapes.encode()).hexdigest()[:16]},
-            "topology": {"world_size": world, "sp_size": cfg.parallel.sp_size, "zero_stage": zero_stage(ds_config)}}
+            "topology": {"world_size": world, "sp_size": cfg.parallel.sp_size, "zero_stage": zero_stage(ds_config)},
+            "schedule": {"scheduler": ds_config.get("scheduler"),
+                         "lr": ds_config.get("optimizer", {}).get("params", {}).get("lr")}}
+
+
+SCHEDULE_KEYS = {"total_num_steps": "train.steps", "warmup_num_steps": "warm-up steps",
+                 "cos_min_ratio": "train.min_lr_ratio"}
+
+
+def _lr_at(schedule: dict, iteration: int) -> float | None:
+    """The learning rate DeepSpeed's scheduler of `schedule` (as checkpoint_meta records it) gives after
+    `iteration` + 1 optimizer steps, or None for a schedule it cannot rebuild."""
+    from deepspeed.runtime import lr_schedules
+
+    sched = schedule.get("scheduler") or {}
+    try:
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule["lr"])
+        made = getattr(lr_schedules, sched["type"])(opt, **sched.get("params", {}), last_batch_iteration=iteration)
+        return float(made.get_lr()[0])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None
+
+
+def schedule_change(saved: dict | None, meta: dict, start_step: int) -> str | None:
+    """One line saying what happens to the learning rate when a run resumes with another schedule (e.g. a finished
+    run extended with train.steps): DeepSpeed restores only the scheduler's step count, so the new schedule takes
+    over at that step, and the learning rate jumps to the new schedule's value there."""
+    old, new = (saved or {}).get("schedule"), meta["schedule"]
+    if old is None or old == new or not start_step:
+        return None
+    a, b = old.get("scheduler") or {}, new.get("scheduler") or {}
+    changed = [f"{SCHEDULE_KEYS.get(k, k)} {a.get('params', {}).get(k)} -> {v}"
+               for k, v in b.get("params", {}).items() if a.get("params", {}).get(k) != v]
+    if old.get("lr") != new.get("lr"):
+        changed.append(f"train.lr {old.get('lr')} -> {new.get('lr')}")
+    if a.get("type") != b.get("type"):
+        changed.append(f"scheduler {a.get('type')} -> {b.get('type')}")
+    before, after = _lr_at(old, start_step - 1), _lr_at(new, start_step - 1)
+    end = _lr_at(new, int(b.get("params", {}).get("total_num_steps", start_step)) - 1)
+    jump = (f"the learning rate for step {start_step + 1} becomes {after:.3g} (the checkpoint's schedule had "
+            f"{before:.3g} there), then follows the new schedule to {end:.3g}" if None not in (before, after, end)
+            else "the learning rate follows the new schedule from there")
+    return (f"hrvit: warning: the learning-rate schedule differs from the checkpoint's ({', '.join(changed)}); "
+            f"DeepSpeed keeps only the step count ({start_step}), so {jump}")
 
 
 class Signals:
@@ -265,6 +310,7 @@ def write_run_files(session: Session, run: Path, start_step: int, bad_cases: lis
         run.mkdir(parents=True, exist_ok=True)
         for name in ("metrics.jsonl", SKIPPED):
             _forget_after(run / name, start_step)
+        forget_csv_after(run / CSV, start_step)
         (run / "config.yaml").write_text(to_yaml(session.cfg))
         (run / "deepspeed.json").write_text(json.dumps(session.ds_config, indent=2))
         (run / "environment.json").write_text(json.dumps(
@@ -346,6 +392,7 @@ def train(cfg: Config) -> dict | None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     t = cfg.train
     signals = Signals(t.stop_grace_s, cfg.output.dir)  # before anything slow: a signal during set-up is kept
+    check_logging(cfg)
     session = start(cfg)
     rank, world, task = session.rank, session.world, session.task
     # Everything that can be wrong with the inputs is found before anything is written.
@@ -367,6 +414,7 @@ def train(cfg: Config) -> dict | None:
     if resume_from is not None:
         _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
         start_step = int(client["step"])
+    params = parameter_count(model)  # the whole model's, also when ZeRO-3 has sharded it
     if start_step > t.steps:
         raise ConfigError(f"train.steps: {t.steps} is below the step of the checkpoint resumed ({start_step})")
     write_run_files(session, run, start_step, bad_cases)
@@ -378,12 +426,17 @@ def train(cfg: Config) -> dict | None:
         batches = Batches(session, dataset, sampler, run)
         counts = batches.counts
         fp16 = precision(session.ds_config) == "fp16"
-        log = RunLog(run, total=t.steps, start=start_step, enabled=rank == 0)
+        log = RunLog(run, total=t.steps, start=start_step, enabled=rank == 0, csv_file=cfg.logging.csv,
+                     tensorboard=cfg.logging.tensorboard)
         log.info(f"hrvit: {world} rank(s) = {session.dp_size} data-parallel x {session.sp_size} sequence-parallel, "
                  f"ZeRO-{zero_stage(session.ds_config)}, {precision(session.ds_config)}, {session.ndim}-D, "
-                 f"{session.channels} channel(s), {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                 f"{session.channels} channel(s), {params / 1e6:.2f}M parameters, "
                  f"on {session.device}, steps {start_step}->{t.steps}, run folder {run}"
                  + (f", resumed from {resume_from}" if resume_from else ""))
+        if resume_from is not None:
+            change = schedule_change(checkpoint.read_meta(resume_from), meta, start_step)
+            if change:
+                log.info(change)
         for spec, msg in bad_cases or []:
             log.info(f"hrvit: skipping case {spec.id}: {msg}")
         train_time, window_loss, bad_in_a_row = 0.0, [], 0
@@ -430,14 +483,19 @@ def train(cfg: Config) -> dict | None:
                     log.metrics({"step": done, "eval": task.evaluate(session, engine, specs, run, done)})
         checkpoint.save(engine, run / CHECKPOINTS, t.steps, meta, t.keep_last)
         log.info("hrvit: final evaluation")
+        eval_started = time.time()
         result = task.evaluate(session, engine, specs, run, t.steps)
         log.metrics({"step": t.steps, "eval": result})
-        return finish(session, run, log, result, counts, train_time, start_step, bad_cases)
+        return finish(session, run, log, result, counts, train_time, start_step, bad_cases,
+                      params=params, eval_started=eval_started)
 
 
 def finish(session: Session, run: Path, log: RunLog, result: dict, counts: dict, train_time: float,
-           start_step: int, bad_cases: list | None) -> dict | None:
-    """Write summary.json (rank 0) from the final evaluation and the run's counts; returns it on rank 0."""
+           start_step: int, bad_cases: list | None, params: int | None = None,
+           eval_started: float = 0.0) -> dict | None:
+    """Write summary.json (rank 0) from the final evaluation and the run's counts; returns it on rank 0. The last
+    line names the picture only if the final evaluation wrote it (not output.picture=false, no evaluated case, or a
+    picture left from before)."""
     cfg = session.cfg
     skipped = comm.reduce_values([counts["skipped_samples"]])[0]
     summary = {
@@ -452,6 +510,7 @@ def finish(session: Session, run: Path, log: RunLog, result: dict, counts: dict,
         "sp_size": session.sp_size,
         "zero_stage": zero_stage(session.ds_config),
         "precision": precision(session.ds_config),
+        "parameters": params,
         "bad_steps": counts["bad_steps"],
         "overflow_steps": counts["overflow_steps"],
         "skipped_samples": int(skipped),
@@ -461,7 +520,9 @@ def finish(session: Session, run: Path, log: RunLog, result: dict, counts: dict,
     log.close()
     if session.rank == 0:
         (run / "summary.json").write_text(json.dumps(summary, indent=2))
-        picture = f", picture in {run / 'prediction.png'}" if cfg.output.picture and summary["eval_cases"] else ""
+        png = run / "prediction.png"
+        written = cfg.output.picture and png.is_file() and png.stat().st_mtime >= eval_started - 1
+        picture = f", picture in {png}" if written else ""
         log.info(f"hrvit: {session.task.score(summary)} over {summary['eval_cases']} held-out case(s); "
                  f"summary in {run / 'summary.json'}{picture}")
     comm.barrier()

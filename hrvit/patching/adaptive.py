@@ -15,11 +15,13 @@ The tree (after the SC24 paper's adaptive patching, without its faults):
 - Leaves are emitted in Morton (Z) order of their corners: tree order, neighbours stay close.
 
 Each leaf of edge S becomes one token of p^D pixels: the area (box-filter) mean over S/p blocks
-for images, the pixel at each block's centre for labels (never interpolated). Two readers:
-`patch_adaptive` for an image in memory (one area pooling pass, all leaves of one size gathered in
-one indexing call), `patch_pyramid` for slides (the tree is built on a low-resolution level and
-each leaf is read from the pyramid level whose downsample is the largest not above S/p; level 0 is
-only read for base-size leaves). Everything is torch, so it runs on CPU and GPU alike.
+for images, the majority label of each block for labels (smallest label on ties, IGNORE_INDEX only
+for a block wholly outside the image; never interpolated, so no value that is not in the source).
+Two readers: `patch_adaptive` for an image in memory (one area pooling pass, all leaves of one size
+gathered in one indexing call), `patch_pyramid` for slides (the tree is built on a low-resolution
+level and each leaf is read from the level hrvit.data.sources.choose_level picks for S/p, several
+leaves per read; level 0 is only read for base-size leaves). A single-level file gives the tokens
+its decoded pixels give in memory. Everything is torch, so it runs on CPU and GPU alike.
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ that map and its halvings, smaller ones copied from the image."""
 WORK_MAX = 2048
 """Pyramid-native: the working (score) map has at most this many pixels per side."""
 READ_CHUNK = 1024
-"""Pyramid-native: the working map is read in chunks of at most this many level pixels per side."""
+"""Pyramid-native: the working map is read in chunks of at most this many level pixels per side, leaves
+in boxes of about this size."""
+WHOLE_MAX = 8192 * 8192
+"""Pyramid-native: a region whose working map would come from level 0 is read whole (one decode, then
+patched in memory) up to this many pixels (0.8 GB of float32 RGB)."""
 
 
 @dataclass
@@ -197,23 +203,48 @@ def _blocks(src: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Tensor:
     return src[(slice(None), *index)].movedim(0, 1)
 
 
-def nearest_labels(label: torch.Tensor, starts: torch.Tensor, sizes: torch.Tensor, p: int) -> torch.Tensor:
-    """label [*E] -> [n, p...]: the label at the centre of each of a leaf's p^D blocks (never
-    interpolated), IGNORE_INDEX outside the image; all leaves in one indexing call."""
-    extent = label.shape
-    ndim = len(extent)
-    step = (sizes // p)[:, None]
-    offset = torch.arange(p, device=label.device)[None] * step + step // 2  # [n, p]
-    index, keep = [], None
-    for a in range(ndim):
-        shape = [len(starts)] + [1] * ndim
-        shape[1 + a] = p
-        ia = (starts[:, a, None] + offset).view(shape)
-        inside = ia < extent[a]
-        keep = inside if keep is None else keep & inside
-        index.append(ia.clamp(max=extent[a] - 1))
-    out = label[tuple(index)].long()
-    return torch.where(keep, out, torch.full_like(out, IGNORE_INDEX))
+def mode_pool(blocks: torch.Tensor, p: int) -> torch.Tensor:
+    """Labels [n, *size] (each side a multiple of p) -> [n, p...]: every cell takes the most frequent label
+    among the pixels it covers, the smallest one on ties; IGNORE_INDEX only where the whole cell is
+    IGNORE_INDEX. Vectorised over leaves and cells: one counting pass per distinct label."""
+    n, *size = blocks.shape
+    factors = [s // p for s in size]
+    if all(f == 1 for f in factors):
+        return blocks.long()
+    cells = blocks.reshape(n, *[v for f in factors for v in (p, f)])
+    axes = tuple(range(2, 2 * len(size) + 1, 2))
+    best = torch.full((n, *(p,) * len(size)), IGNORE_INDEX, dtype=torch.long, device=blocks.device)
+    top = torch.zeros(best.shape, dtype=torch.int32, device=blocks.device)
+    flat = blocks.reshape(-1).long()
+    low, high = (int(flat.min()), int(flat.max())) if flat.numel() else (0, 0)
+    present = torch.bincount(flat - low).nonzero()[:, 0] + low if high - low < 1 << 20 else torch.unique(flat)
+    for value in present.tolist():  # ascending: a later label must count more to win, so ties go to the smaller
+        if value == IGNORE_INDEX:
+            continue
+        count = (cells == value).sum(axes, dtype=torch.int32)
+        win = count > top
+        best.masked_fill_(win, value)
+        top = torch.where(win, count, top)
+    return best
+
+
+def leaf_labels(label: torch.Tensor, leaves: Leaves, p: int) -> torch.Tensor:
+    """Majority labels of every leaf of an in-memory label map [*E]: [n, p...], IGNORE_INDEX outside the
+    image; the leaves of one size go through mode_pool in chunks of about 16M pixels, one indexing call each."""
+    ndim = label.ndim
+    grid = [int((leaves.start[:, a] + leaves.size).max()) for a in range(ndim)]
+    small = label.numel() == 0 or (int(label.min()) >= -(2**15) and int(label.max()) < 2**15)
+    padded = torch.full(grid, IGNORE_INDEX, dtype=torch.int16 if small else torch.long, device=label.device)
+    padded[tuple(slice(0, e) for e in label.shape)] = label
+    out = torch.empty((len(leaves), *(p,) * ndim), dtype=torch.long, device=label.device)
+    starts = torch.from_numpy(leaves.start).to(label.device)
+    for size in np.unique(leaves.size).tolist():
+        sel = np.flatnonzero(leaves.size == size)
+        chunk = max(1, (1 << 24) // size**ndim)
+        for i in range(0, len(sel), chunk):
+            part = torch.from_numpy(sel[i:i + chunk]).to(label.device)
+            out[part] = mode_pool(_blocks(padded[None], starts[part], size)[:, 0], p)
+    return out
 
 
 def _every(dim: int, first: int) -> tuple:
@@ -300,6 +331,25 @@ def to_sequence(leaves: Leaves, pixels: torch.Tensor, p: int, length: int | None
     return seq
 
 
+def working_maps(image: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, work): in-image block means of the image over gcd(BASE_POOL, w) pixels, then of base over the
+    rest of w. The slide path pools each chunk it reads with this same function, so both paths score the
+    same map whatever the image size (no chunk is stretched over the grid)."""
+    base = area_pool(image, math.gcd(BASE_POOL, w), zero_outside=False)
+    return base, area_pool(base, w // math.gcd(BASE_POOL, w), zero_outside=False)
+
+
+def _picture(maps, max_edge: int) -> np.ndarray:
+    """An overview of the image for drawing leaves on (seq.meta["picture"]), from maps the patching already made
+    (`maps`: the image and its pooled maps, finest first), so a file is not decoded a second time: the coarsest
+    map still >= max_edge on its longest side, area-pooled to fit; [C, *E'] float32."""
+    src = maps[0]
+    for m in maps[1:]:
+        if max(m.shape[1:]) >= max_edge:
+            src = m
+    return area_pool(src, -(-max(src.shape[1:]) // max_edge), zero_outside=False).cpu().numpy()
+
+
 def _sensitivity(cfg, rng) -> float:
     if rng is None or not cfg.jitter:
         return 1.0
@@ -317,12 +367,13 @@ def _check_extent(extent, p):
 
 
 def patch_adaptive(image: torch.Tensor, cfg, target: torch.Tensor | None = None, rng=None,
-                   image_shape=None) -> PatchSequence:
+                   image_shape=None, picture: int = 0) -> PatchSequence:
     """Adaptive tokens of an in-memory image [C, *E] (2-D or 3-D) as `cfg` (a PatchingConfig) says.
 
     target [*E] labels (optional); rng: np.random.Generator for jitter (training only);
-    image_shape: the sequence's image_shape (default E; a window may be larger than its in-image part).
-    Timings per stage land in seq.meta["seconds"].
+    image_shape: the sequence's image_shape (default E; a window may be larger than its in-image part);
+    picture > 0: also an overview of the image, at most that many pixels per side, in seq.meta["picture"]
+    (see _picture; off by default, so training holds nothing more). Timings per stage land in seq.meta["seconds"].
     """
     tick = time.perf_counter()
     p, min_leaf, max_leaf = leaf_limits(cfg)
@@ -331,9 +382,9 @@ def patch_adaptive(image: torch.Tensor, cfg, target: torch.Tensor | None = None,
     if target is not None and tuple(target.shape) != extent:
         raise DataError(f"label shape {tuple(target.shape)} does not match image shape {extent}")
     w = max(1, min_leaf // 2)
-    f = min(BASE_POOL, w)
-    base = area_pool(image, f, zero_outside=False)  # the one pass over the whole image
-    work = area_pool(base, w // f, zero_outside=False)
+    f = math.gcd(BASE_POOL, w)
+    base, work = working_maps(image, w)  # the one pass over the whole image
+    overview = _picture((image, base, work), picture) if picture else None
     detail = Detail(work, w, cfg.scorer, cfg.tissue_mask, _sensitivity(cfg, rng))
     if any(n % f for n in extent):  # tokens see zeros outside the image: rescale partial edge blocks
         base = base.clone()
@@ -345,96 +396,114 @@ def patch_adaptive(image: torch.Tensor, cfg, target: torch.Tensor | None = None,
     leaves = build_tree(extent, root, min_leaf, p, detail.node, cfg.tokens, cfg.threshold)
     t_tree = time.perf_counter()
     pixels = resample(image, leaves, p, base, f)
-    labels = None
-    if target is not None:
-        starts = torch.from_numpy(leaves.start).to(target.device)
-        labels = nearest_labels(target, starts, torch.from_numpy(leaves.size).to(target.device), p)
+    labels = None if target is None else leaf_labels(target, leaves, p)
     length = cfg.tokens if cfg.threshold is None else None
     seq = to_sequence(leaves, pixels, p, length, image_shape or extent, labels)
     done = time.perf_counter()
     seq.meta = {"real_tokens": len(leaves), "root": root, "working_pixel": w,
                 "seconds": {"scores": t_scores - tick, "tree": t_tree - t_scores, "resample": done - t_tree,
                             "total": done - tick}}
+    if overview is not None:
+        seq.meta["picture"] = overview
     return seq
 
 
-def _work_map(source, start, extent, w: float, counts: dict) -> torch.Tensor:
-    """The region's working map (w level-0 px per pixel, in-image means) read chunk by chunk from the
-    level whose downsample is the largest not above w, so no read exceeds READ_CHUNK^2 pixels."""
-    level = source.best_level(w)
-    ds = source.level_downsamples[level]
+def _axis_downsamples(source, level: int) -> tuple[float, float]:
+    """(y, x) level-0 pixels per pixel of `level`: per axis, since scanners round each axis on its own."""
+    return tuple(a / b for a, b in zip(source.level_shapes[0], source.level_shapes[level]))
+
+
+def _work_map(source, start, extent, w: int, level: int, counts: dict) -> torch.Tensor:
+    """The region's working map (w level-0 px per pixel) from `level`, read in chunks of at most
+    READ_CHUNK^2 level pixels, each pooled by working_maps as in memory (at level 0 the map is the
+    in-memory one, bit for bit). A level rounded down may lack the last working pixel's share of
+    the image: it repeats its neighbour."""
+    ds = _axis_downsamples(source, level)
+    k = max(1, round(w / math.sqrt(ds[0] * ds[1])))  # level pixels per working pixel
     shape = [math.ceil(e / w) for e in extent]
     out = torch.zeros(source.channels, *shape)
-    step = max(1, int(READ_CHUNK * ds // w))
+    step = max(1, READ_CHUNK // k)
     for cy in range(0, shape[0], step):
         for cx in range(0, shape[1], step):
             hy, hx = min(step, shape[0] - cy), min(step, shape[1] - cx)
-            y0, x0 = int(cy * w), int(cx * w)
-            ly, lx = min(hy * w, extent[0] - y0), min(hx * w, extent[1] - x0)  # level-0 size inside
-            size = (max(1, round(ly / ds)), max(1, round(lx / ds)))
+            y0, x0 = cy * w, cx * w
+            size = [max(1, min(h * k, round((e - o) / d))) for h, e, o, d in zip((hy, hx), extent, (y0, x0), ds)]
             block = torch.from_numpy(source.read_level(level, (start[0] + y0, start[1] + x0), size))
             counts[level] = counts.get(level, 0) + size[0] * size[1]
+            block = working_maps(block, k)[1][:, :hy, :hx]
             if tuple(block.shape[1:]) != (hy, hx):
-                block = F.interpolate(block[None], size=(hy, hx), mode="area")[0]
+                block = F.pad(block[None], (0, hx - block.shape[2], 0, hy - block.shape[1]), mode="replicate")[0]
             out[:, cy:cy + hy, cx:cx + hx] = block
     return out
 
 
-def _read_leaves(source, start, extent, starts: np.ndarray, size: int, p: int, counts: dict) -> torch.Tensor:
-    """Leaves of one size read from the level whose downsample is the largest not above size / p,
-    resampled to p in one call: [n, C, p, p]. Outside the region reads as 0."""
-    level = source.best_level(size / p)
-    ds = source.level_downsamples[level]
-    n = max(p, math.ceil(size / ds - 1e-6))
-    blocks = []
-    for y, x in starts.tolist():
-        block = source.read_level(level, (start[0] + y, start[1] + x), (n, n))
-        over_y, over_x = y + size - extent[0], x + size - extent[1]
-        if over_y > 0 or over_x > 0:  # crossing the region's edge: zero outside, as in memory
-            block = block.copy()
-            if over_y > 0:
-                block[:, n - int(over_y * n // size):] = 0
-            if over_x > 0:
-                block[:, :, n - int(over_x * n // size):] = 0
-        blocks.append(block)
-    counts[level] = counts.get(level, 0) + len(blocks) * n * n
-    out = torch.from_numpy(np.stack(blocks))
-    if n != p:
-        out = F.interpolate(out, size=(p, p), mode="area")
-    return out
+def _overview(source, start, extent, work: torch.Tensor, picture: int, counts: dict) -> np.ndarray:
+    """patch_pyramid's overview: the working map when it has at least `picture` pixels per side (large slides:
+    free), else the region read once from the level choose_level picks for about `picture` pixels per side (small
+    slides keep their detail; a few million pixels at most, reported apart as picture_read: pixels_read is the
+    patching's cost)."""
+    if max(work.shape[1:]) >= picture:
+        return _picture((work,), picture)
+    level = source.best_level(max(extent) / picture)
+    size = [max(1, math.ceil(e / d)) for e, d in zip(extent, _axis_downsamples(source, level))]
+    counts[level] = counts.get(level, 0) + size[0] * size[1]
+    return _picture((torch.from_numpy(source.read_level(level, start, size)),), picture)
 
 
-def _read_labels(label, start, extent, starts: np.ndarray, size: int, p: int) -> torch.Tensor:
-    """Leaves' labels by nearest sampling from the label pyramid (or level 0): [n, p, p] int64."""
-    if hasattr(label, "read_level"):
-        ok = [i for i, d in enumerate(label.level_downsamples) if d <= size / p * (1 + 1e-6)]
-        level = max(ok, default=0)
-        ds = label.level_downsamples[level]
-    else:
-        level, ds = None, 1.0
-    n = max(p, math.ceil(size / ds - 1e-6))
-    pick = ((np.arange(p) + 0.5) * n / p).astype(np.int64)
-    out = np.empty((len(starts), p, p), np.int64)
-    for i, (y, x) in enumerate(starts.tolist()):
-        at = (start[0] + y, start[1] + x)
-        block = label.read_level(level, at, (n, n)) if level is not None else label.read(at, (n, n))
-        block = block[pick][:, pick]
-        ys = y + (pick * size) // n  # level-0 row of each sample, relative to the region
-        xs = x + (pick * size) // n
-        block[ys >= extent[0]] = IGNORE_INDEX
-        block[:, xs >= extent[1]] = IGNORE_INDEX
-        out[i] = block
-    return torch.from_numpy(out)
+def _read_at_level(read, origin, extent, starts: np.ndarray, sizes: np.ndarray, ds, p: int, cells, fill):
+    """The pixels of leaves (level-0 starts relative to the region at `origin`, edges `sizes`) at one level,
+    as blocks of cells(S) = (ny, nx) level pixels; level pixels past the region's edge are set to `fill`.
+
+    Tile-once: leaves of at most Q level-0 px (Q = p 2^k, about READ_CHUNK level px) lie in one cell of a
+    Q-grid; the bounding box of a Q-cell's leaves is read in one call when they fill half of it or more
+    (each tile of it decoded once, not once per leaf it touches), else leaf by leaf; larger leaves are
+    read alone (they cover whole Q-cells). Yields (indices into starts, blocks [m, ..., ny, nx]) per size
+    and read. read(start_level0, size_at_level) -> array [..., h, w]."""
+    q = p * 2 ** max(0, round(math.log2(READ_CHUNK * min(ds) / p)))
+    keys = np.where(sizes[:, None] <= q, starts // q, -1 - np.arange(len(sizes))[:, None])
+    _, group = np.unique(keys, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    for g in np.unique(group):
+        members = np.flatnonzero(group == g)
+        n = np.array([cells(int(s)) for s in sizes[members]])  # [m, 2]
+        corner = starts[members].min(0)
+        offset = np.rint((starts[members] - corner) / np.array(ds)).astype(np.int64)
+        box = (offset + n).max(0)
+        whole = len(members) > 1 and 2 * int((n[:, 0] * n[:, 1]).sum()) >= int(box.prod())
+        block = read((origin[0] + corner[0], origin[1] + corner[1]), tuple(box)) if whole else None
+        for size in np.unique(sizes[members]):
+            sub = np.flatnonzero(sizes[members] == size)
+            ny, nx = n[sub[0]]
+            if whole:
+                parts = [block[..., y:y + ny, x:x + nx] for y, x in offset[sub].tolist()]
+            else:
+                parts = [read((origin[0] + y, origin[1] + x), (ny, nx)) for y, x in starts[members[sub]].tolist()]
+            stack = np.stack(parts)
+            for axis, (nn, lim) in enumerate(((ny, extent[0]), (nx, extent[1]))):
+                # level pixel r covers level-0 from start + r S / n: past the region once r >= (edge - start) n / S
+                keep = -(-(lim - starts[members[sub], axis]) * nn // int(size))
+                past = np.arange(nn)[None] >= keep[:, None]
+                if past.any():
+                    shape = [len(sub)] + [1] * (stack.ndim - 1)
+                    shape[stack.ndim - 2 + axis] = nn
+                    stack = np.where(past.reshape(shape), fill, stack)
+            yield members[sub], stack
 
 
-def patch_pyramid(source, cfg, start=(0, 0), shape=None, label=None, rng=None, image_shape=None) -> PatchSequence:
-    """Adaptive tokens of a region of a pyramidal slide, never reading it whole at level 0.
+def patch_pyramid(source, cfg, start=(0, 0), shape=None, label=None, rng=None, image_shape=None,
+                  whole_max: int = WHOLE_MAX, picture: int = 0) -> PatchSequence:
+    """Adaptive tokens of a region of a slide; level 0 is read whole only for a small region without a coarser level.
 
-    source: has level_downsamples, best_level(ds) and read_level(level, start_level0, size) -> [C, h, w]
-    (hrvit.data.SlideSource); label: a label source (read_level when it has a pyramid, else read).
-    The tree is built on a working map of at most WORK_MAX^2 pixels; each leaf of edge S is read from
-    the level whose downsample is the largest not above S / p. seq.meta reports the pixels read per
-    level and level0_fraction_read (level-0 pixels read / the region's pixels).
+    source: has level_shapes, best_level(ds) and read_level(level, start_level0, size) -> [C, h, w]
+    (hrvit.data.SlideSource); label: a label source (read_level/best_level when it has a pyramid).
+    When the working map would come from level 0 anyway (no coarser level) and the region has at most
+    `whole_max` pixels, the region is read once and patched in memory (patch_adaptive: the same tokens
+    as the decoded image gives). Otherwise the tree is built on a working map of at most WORK_MAX^2
+    pixels and each leaf of edge S is read from the level choose_level picks for S / p, tile-once
+    (_read_at_level); its labels are the majority of the label level pixels under each of its p x p cells.
+    seq.meta reports the image pixels read per level and level0_fraction_read (level-0 pixels read / the
+    region's pixels); picture > 0 adds seq.meta["picture"], an overview of the region at most that many pixels
+    per side made from the pixels already read (the decoded region or the working map), for overlays.
     """
     tick = time.perf_counter()
     p, min_leaf, max_leaf = leaf_limits(cfg)
@@ -447,8 +516,20 @@ def patch_pyramid(source, cfg, start=(0, 0), shape=None, label=None, rng=None, i
     w = max(1, min_leaf // 2)
     while max(extent) / w > WORK_MAX:
         w *= 2
+    area = math.prod(extent)
     counts: dict = {}
-    work = _work_map(source, start, extent, w, counts)
+    level = source.best_level(w)
+    if level == 0 and area <= whole_max:
+        image = torch.from_numpy(source.read_level(0, start, extent))
+        target = None if label is None else torch.from_numpy(label.read(start, extent))
+        read = time.perf_counter() - tick
+        seq = patch_adaptive(image, cfg, target, rng, image_shape or extent, picture)
+        seq.meta.update(pixels_read={0: area}, level0_fraction_read=1.0)
+        seq.meta["seconds"] = {k: v + read if k in ("scores", "total") else v for k, v in seq.meta["seconds"].items()}
+        return seq
+    work = _work_map(source, start, extent, w, level, counts)
+    picture_read: dict = {}
+    overview = _overview(source, start, extent, work, picture, picture_read) if picture else None
     detail = Detail(work, w, cfg.scorer, cfg.tissue_mask, _sensitivity(cfg, rng))
     del work
     t_scores = time.perf_counter()
@@ -456,20 +537,55 @@ def patch_pyramid(source, cfg, start=(0, 0), shape=None, label=None, rng=None, i
     leaves = build_tree(extent, root, min_leaf, p, detail.node, cfg.tokens, cfg.threshold)
     t_tree = time.perf_counter()
     pixels = torch.zeros(len(leaves), source.channels, p, p)
-    labels = torch.full((len(leaves), p, p), IGNORE_INDEX, dtype=torch.long) if label is not None else None
-    for size in np.unique(leaves.size):
-        sel = np.flatnonzero(leaves.size == size)
-        idx = torch.from_numpy(sel)
-        pixels[idx] = _read_leaves(source, start, extent, leaves.start[sel], int(size), p, counts)
-        if label is not None:
-            labels[idx] = _read_labels(label, start, extent, leaves.start[sel], int(size), p)
+    image_levels = np.array([source.best_level(s / p) for s in leaves.size.tolist()])
+    for lv in np.unique(image_levels).tolist():
+        ds = _axis_downsamples(source, lv)
+        sel = np.flatnonzero(image_levels == lv)
+
+        def read(at, size, lv=lv):
+            counts[lv] = counts.get(lv, 0) + size[0] * size[1]
+            return source.read_level(lv, at, size)
+
+        def cells(s, ds=ds):
+            return tuple(max(p, round(s / d)) for d in ds)
+
+        for idx, stack in _read_at_level(read, start, extent, leaves.start[sel], leaves.size[sel], ds, p, cells, 0.0):
+            out = torch.from_numpy(stack)
+            pixels[torch.from_numpy(sel[idx])] = out if out.shape[-2:] == (p, p) else F.interpolate(out, (p, p),
+                                                                                                   mode="area")
+    labels = None if label is None else _read_labels(label, start, extent, leaves, p)
     length = cfg.tokens if cfg.threshold is None else None
     seq = to_sequence(leaves, pixels, p, length, image_shape or extent, labels)
     done = time.perf_counter()
-    area = math.prod(extent)
     seq.meta = {"real_tokens": len(leaves), "root": root, "working_pixel": w,
                 "pixels_read": {int(k): int(v) for k, v in sorted(counts.items())},
                 "level0_fraction_read": counts.get(0, 0) / area,
                 "seconds": {"scores": t_scores - tick, "tree": t_tree - t_scores, "resample": done - t_tree,
                             "total": done - tick}}
+    if overview is not None:
+        seq.meta.update(picture=overview, picture_read=picture_read)
     return seq
+
+
+def _read_labels(label, start, extent, leaves: Leaves, p: int) -> torch.Tensor:
+    """Majority labels of the leaves [n, p, p]: from the label level choose_level picks for S / p (level 0
+    without a pyramid), whole cells of c x c level pixels per token pixel, read tile-once."""
+    out = torch.empty((len(leaves), p, p), dtype=torch.long)
+    if hasattr(label, "best_level"):
+        levels = np.array([label.best_level(s / p) for s in leaves.size.tolist()])
+    else:
+        levels = np.zeros(len(leaves), np.int64)
+    for lv in np.unique(levels).tolist():
+        sel = np.flatnonzero(levels == lv)
+        ds = _axis_downsamples(label, lv) if hasattr(label, "best_level") else (1.0, 1.0)
+
+        def read(at, size, lv=lv):
+            return label.read_level(lv, at, size) if hasattr(label, "best_level") else label.read(at, size)
+
+        def cells(s, ds=ds):
+            return tuple(p * max(1, round(s / p / d)) for d in ds)
+
+        for idx, stack in _read_at_level(read, start, extent, leaves.start[sel], leaves.size[sel], ds, p, cells,
+                                         IGNORE_INDEX):
+            out[torch.from_numpy(sel[idx])] = mode_pool(torch.from_numpy(stack), p)
+    return out

@@ -36,10 +36,18 @@ def leaf_stats(seq: PatchSequence) -> dict:
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
-    """[C, h, w] float -> [h, w, 3] uint8, each channel stretched to its 1st-99th percentile."""
+    """[C, h, w] float -> [h, w, 3] uint8, stretched to the 1st-99th percentile of its values (estimated on about
+    a million of them, evenly strided: the exact sort of a 2048^2 overview took a third of a second)."""
     chans = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
-    lo, hi = np.percentile(chans, 1), np.percentile(chans, 99)
-    return (np.clip((chans - lo) / max(hi - lo, 1e-6), 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8)
+    step = max(1, int(np.sqrt(chans.size / 1e6)))
+    lo, hi = np.percentile(chans[:, ::step, ::step], (1, 99))
+    x = np.subtract(chans, lo, dtype=np.float32)
+    x *= np.float32(255 / max(hi - lo, 1e-6))
+    np.clip(x, 0, 255, out=x)
+    out = np.empty((*x.shape[1:], 3), np.uint8)
+    for c in range(3):
+        out[..., c] = x[c]  # truncation toward zero, as astype did
+    return out
 
 
 def draw_leaves(rgb: np.ndarray, starts: np.ndarray, sizes: np.ndarray, levels: np.ndarray,
@@ -95,13 +103,14 @@ def overlay(picture: np.ndarray, seq: PatchSequence) -> np.ndarray:
 
 def patchify(source, cfg, out: Path, max_edge: int = 2048) -> dict:
     """Adaptive tokens of a whole image (a hrvit.data source) as `cfg` says; writes the overlay PNG to
-    `out` and returns the statistics. Slides are patched pyramid-natively and drawn on a thumbnail."""
+    `out` and returns the statistics. Slides are patched pyramid-natively and drawn on the overview patch_pyramid
+    makes from the pixels it read (asking the file for a thumbnail would decode level 0 a second time)."""
     from PIL import Image
 
     shape = tuple(source.shape)
     if hasattr(source, "read_level"):
-        seq = patch_pyramid(source, cfg)
-        picture, read_seconds = source.thumbnail(max_edge), 0.0
+        seq = patch_pyramid(source, cfg, picture=max_edge)
+        picture, read_seconds = seq.meta.pop("picture"), 0.0
     else:
         tick = time.perf_counter()
         image = torch.from_numpy(source.read((0,) * len(shape), shape))
@@ -112,7 +121,7 @@ def patchify(source, cfg, out: Path, max_edge: int = 2048) -> dict:
         picture = image[(slice(None), *[slice(None, None, stride)] * len(shape))].numpy()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(picture, seq)).save(out)
+    Image.fromarray(overlay(picture, seq)).save(out, compress_level=1)  # level 6 took 1 s for a 2048^2 overlay
     seconds = {"read": read_seconds, **seq.meta["seconds"]}
     return {**leaf_stats(seq), "seconds": {k: round(v, 4) for k, v in seconds.items()},
             "pixels_read": seq.meta["pixels_read"], "level0_fraction_read": seq.meta["level0_fraction_read"]}
