@@ -4,7 +4,7 @@
     hrvit train --resume RUN_DIR [key=value ...]   continue a run from its newest complete checkpoint
     hrvit check-data CONFIG [key=value ...]   validate every case of a dataset; table of problems
     hrvit eval RUN_DIR [key=value ...] [--checkpoint TAG]   full-resolution Dice (classify: accuracy) of a run
-    hrvit predict RUN_DIR --input PATH --out DIR [--checkpoint TAG]   full-resolution prediction + PNG overlay
+    hrvit predict RUN_DIR [key=value ...] --input ITEM... --out DIR [--checkpoint TAG]   predictions + overlays
     hrvit synth {slides,volumes,megapixel} --out DIR    deterministic synthetic data
     hrvit patchify INPUT --out overlay.png [--json STATS]   adaptive tokens of one image, drawn
 """
@@ -48,13 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.split=test")
     e.add_argument("--selection", choices=["top", "random"], default="top",
                    help="task: classify: give the model its top ips.memory patches (default) or as many drawn at "
-                        "random, the baseline that shows what selection is worth (eval_random_selection.json)")
+                        "random, the baseline that shows what selection is worth (eval_SPLIT_random_selection.json)")
     e.add_argument("--checkpoint", default=None, metavar="TAG_OR_PATH", help=CHECKPOINT_HELP)
 
     r = sub.add_parser("predict", help="predict full-resolution labels for images")
     r.add_argument("run", type=Path, help="run folder (holds config.yaml and checkpoints/)")
-    r.add_argument("--input", type=Path, nargs="+", required=True,
-                   help="an image (slide, NIfTI, PNG/npy); for multi-file volumes give every channel file")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.batch=4 data.window=2048")
+    r.add_argument("--input", nargs="+", required=True, metavar="ITEM",
+                   help="images to predict, each a file (slide, NIfTI, PNG/npy), a folder (its image files; *_mask.* "
+                        "skipped), a glob ('slides/*.svs'), a manifest (.csv/.json), or the channel files of one "
+                        "multi-file volume joined with ';' ('t1.nii.gz;t1ce.nii.gz;t2.nii.gz;flair.nii.gz')")
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--checkpoint", default=None, metavar="TAG_OR_PATH", help=CHECKPOINT_HELP)
 
@@ -143,6 +146,18 @@ def cmd_check_data(args) -> int:
     return 1 if problems else 0
 
 
+def shape_text(shape) -> str:
+    """An image's size as people read it, axes named: (450, 600) -> '600 x 450 (width x height)', a (z, y, x)
+    volume (48, 64, 40) -> '40 x 64 x 48 (x, y, z)'; hrvit's arrays are (y, x) / (z, y, x)."""
+    sizes = " x ".join(str(int(n)) for n in reversed(tuple(shape)))
+    return f"{sizes} ({'width x height' if len(shape) == 2 else 'x, y, z'})"
+
+
+def eval_file(split: str, selection: str = "top") -> str:
+    """One file per split (an evaluation of the training split no longer overwrites the validation one)."""
+    return f"eval_{split}.json" if selection == "top" else f"eval_{split}_random_selection.json"
+
+
 def cmd_eval(args) -> int:
     from hrvit.engine import checkpoint
     from hrvit.engine.session import start
@@ -167,12 +182,13 @@ def cmd_eval(args) -> int:
             raise HrvitError(f"eval.split={cfg.eval.split!r}: no case of the data is in that split (their splits: "
                              f"{', '.join(sorted({s.split for s in specs}))})")
         extra = {} if args.selection == "top" else {"selection": args.selection}
-        result = session.task.evaluate(session, model, specs, None, -1, **extra)
+        step = (checkpoint.read_meta(ckpt) or {}).get("step", -1)
+        result = session.task.evaluate(session, model, specs, None, step, **extra)
     finally:
         from hrvit.parallel.dist import release_shm_buffers
 
         release_shm_buffers()
-    out = args.run / ("eval.json" if args.selection == "top" else "eval_random_selection.json")
+    out = args.run / eval_file(cfg.eval.split, args.selection)
     if session.rank == 0:
         out.write_text(json.dumps(result, indent=2))
         print(f"{session.task.score(result)} over {result['cases']} case(s) of split '{cfg.eval.split}' "
@@ -181,10 +197,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from hrvit.engine.predict import predict_files
+    from hrvit.engine.predict import expand_inputs, predict_files
 
-    cfg = _run_config(args.run, [])
-    for path in predict_files(args.run, cfg, [args.input], args.out, ckpt=args.checkpoint):
+    cfg = _run_config(args.run, args.overrides)
+    inputs = expand_inputs(args.input)
+    print(f"predicting {len(inputs)} image(s) into {args.out}", flush=True)
+    for path in predict_files(args.run, cfg, inputs, args.out, ckpt=args.checkpoint):
         print(f"wrote {path}")
     return 0
 
@@ -231,7 +249,7 @@ def cmd_patchify(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(stats, indent=2))
     s = stats["seconds"]
-    print(f"{stats['real_tokens']} real tokens of {stats['tokens']} for a {'x'.join(map(str, source.shape))} image; "
+    print(f"{stats['real_tokens']} real tokens of {stats['tokens']} for a {shape_text(source.shape)} image; "
           f"leaves per level {stats['leaves_per_level']}, area per level {stats['area_fraction_per_level']}; "
           f"level-0 fraction read {stats['level0_fraction_read']:.4f}; seconds: scores {s['scores']}, "
           f"tree {s['tree']}, resample {s['resample']}, total {s['total']}; overlay {args.out}")

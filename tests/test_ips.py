@@ -182,11 +182,11 @@ def test_two_rank_zero2_classifier_trains_and_loss_falls(canvases, tmp_path):
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2 and summary["eval_cases"] == 3
     assert 0 <= summary["accuracy"] <= 1 and 0 <= summary["balanced_accuracy"] <= 1
     assert summary["tokens_per_s"] > 0 and (run / "prediction.png").stat().st_size > 0
-    for selection, name in (("top", "eval.json"), ("random", "eval_random_selection.json")):
+    for selection, name in (("top", "eval_val.json"), ("random", "eval_val_random_selection.json")):
         out = hrvit("eval", run, "--selection", selection)
         result = json.loads((run / name).read_text())
         assert result["selection"] == selection and result["cases"] == 3 and 0 <= result["accuracy"] <= 1, out.stdout
-    assert json.loads((run / "eval.json").read_text())["accuracy"] == summary["accuracy"]
+    assert json.loads((run / "eval_val.json").read_text())["accuracy"] == summary["accuracy"]
 
 
 def test_zero3_matches_zero2_and_more_memory_than_candidates_is_masked(canvases, tmp_path):

@@ -230,7 +230,7 @@ def test_slurm_sbatch_tasks_train_as_one_sp_group_whatever_pmi_says(slides, tmp_
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["sp_size"] == 2 and summary["steps"] == 2
     hrvit("eval", run)
-    assert json.loads((run / "eval.json").read_text())["dice_mean"] == pytest.approx(summary["dice_mean"], abs=1e-4)
+    assert json.loads((run / "eval_val.json").read_text())["dice_mean"] == pytest.approx(summary["dice_mean"], abs=1e-4)
 
 
 FAKE_LAUNCHER = """#!/usr/bin/env bash

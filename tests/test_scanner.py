@@ -1,18 +1,21 @@
 """Slides as files: the same tokens from a file as from its decoded pixels, majority labels, masks without a
 pyramid decoded once. Every fixture is a real TIFF written here and read back through openslide / tifffile."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 from test_adaptive import _check, _image
 from test_data import SCANNER, _scanner_tiff
 
 from hrvit.config import PatchingConfig
 from hrvit.data import SlideSource, open_image, open_label, write_pyramid_from_array
 from hrvit.patching import IGNORE_INDEX, patch_adaptive, patch_pyramid
+from hrvit.patching.overlay import LEVEL_COLOURS
 
 
 def _stripes(shape) -> np.ndarray:
@@ -181,6 +184,9 @@ def test_patchify_draws_on_what_it_read_without_a_second_decode(tmp_path):
     stats = patchify(source, PatchingConfig(mode="adaptive", patch_size=8, tokens=128), tmp_path / "o.png", 400)
     assert stats["real_tokens"] > 100 and (tmp_path / "o.png").stat().st_size > 0
     assert source.tiles_decoded == 10 * 13  # each tile of the file once
+    legend = json.loads(Image.open(tmp_path / "o.png").text["hrvit-legend"])  # what each outline colour means
+    levels = sorted(map(int, stats["leaves_per_level"]))
+    assert list(legend.items()) == [(f"{8 << lv} px leaves", LEVEL_COLOURS[lv].tolist()) for lv in levels]
     cfg = PatchingConfig(mode="adaptive", patch_size=8, tokens=128)
     seq = patch_pyramid(source, cfg, picture=400)
     assert "picture" not in patch_pyramid(source, cfg).meta  # only on request: training holds nothing more

@@ -306,3 +306,25 @@ def test_prediction_of_a_16_bit_slide_is_a_label_pyramid(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["grey16_overlay.png", "grey16_pred.tiff"]
     pred = openslide.OpenSlide(out / "grey16_pred.tiff")
     assert pred.dimensions == (500, 700) and float(pred.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+
+
+def test_predict_inputs_expand_and_clashing_names_are_refused(tmp_path):
+    """--input items: a folder gives its images (masks, earlier predictions and other files skipped), ';' joins
+    the channel files of one image, nothing found or a missing file is one DataError naming the item, and two
+    different files that would write the same output name are refused."""
+    from hrvit.engine.predict import expand_inputs
+    from hrvit.errors import DataError
+
+    for name in ("a.tif", "a_mask.tif", "a_pred.tif", "b.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert expand_inputs([str(tmp_path)]) == [[tmp_path / "a.tif"], [tmp_path / "b.nii.gz"]]
+    assert expand_inputs([f"{tmp_path / 'b.nii.gz'};{tmp_path / 'a.tif'}", str(tmp_path / "a.tif")]) == [
+        [tmp_path / "b.nii.gz", tmp_path / "a.tif"], [tmp_path / "a.tif"]]
+    with pytest.raises(DataError, match="no image found"):
+        expand_inputs([str(tmp_path / "*.svs")])
+    with pytest.raises(DataError, match="c.tif not found"):
+        expand_inputs([str(tmp_path / "c.tif")])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.tif").write_bytes(b"x")
+    with pytest.raises(DataError, match="would both be written as a_pred"):
+        expand_inputs([str(tmp_path / "a.tif"), str(tmp_path / "other")])

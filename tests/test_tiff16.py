@@ -134,9 +134,10 @@ def test_patchify_cli_on_a_16_bit_slide(tmp_path):
     a[200:400, 300:600] += (((y // 8 + x // 8) % 2) * 100 - 50).astype(np.uint16)
     image = _write(tmp_path / "dark16.tif", _floor_levels(a, [1, 2, 4]), tile=128)
     out, stats = tmp_path / "overlay.png", tmp_path / "stats.json"
-    hrvit("patchify", image, "--tokens", 64, "--patch-size", 8, "--out", out, "--json", stats)
+    proc = hrvit("patchify", image, "--tokens", 64, "--patch-size", 8, "--out", out, "--json", stats)
     data = json.loads(stats.read_text())
     assert data["image_shape"] == [h, w] and data["real_tokens"] > 32
+    assert "a 900 x 700 (width x height) image" in proc.stdout, proc.stdout
     picture = np.asarray(Image.open(out).convert("L"))[220:380, 320:580]
     bright = float((picture > 200).mean())
     assert 0.2 < bright < 0.8, bright  # the checkerboard, stretched to black and white

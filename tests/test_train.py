@@ -39,25 +39,35 @@ def test_eval_on_one_and_two_ranks_and_predict_slide(trained, slides, tmp_path):
     from the same final weights, and `hrvit eval` on 2 ranks reproduces the one-process Dice of every case."""
     proc = hrvit("eval", trained)
     assert "mean Dice" in proc.stdout and "on 1 rank(s)" in proc.stdout
-    one = json.loads((trained / "eval.json").read_text())
+    one = json.loads((trained / "eval_val.json").read_text())
     summary = json.loads((trained / "summary.json").read_text())
     assert one["cases"] == summary["eval_cases"] == 2
+    assert one["step"] == summary["steps"] == 16 and one["dice_mean_foreground"] == one["dice_mean"] is not None
     assert one["dice_per_class"].keys() == summary["dice_per_class"].keys()
     for name, value in summary["dice_per_class"].items():
         assert one["dice_per_class"][name] == pytest.approx(value, abs=1e-6), name
+    proc = hrvit("eval", trained, "eval.split=train", "eval.max_cases=1")
+    train_split = json.loads((trained / "eval_train.json").read_text())
+    assert train_split["split"] == "train" and train_split["cases"] == 1 and train_split["step"] == 16
+    assert json.loads((trained / "eval_val.json").read_text()) == one  # the validation result is kept
     proc = hrvit("eval", trained, ranks=2)
-    two = json.loads((trained / "eval.json").read_text())
+    two = json.loads((trained / "eval_val.json").read_text())
     assert "on 2 rank(s)" in proc.stdout and two["dice_per_case"].keys() == one["dice_per_case"].keys()
     for case, per_class in one["dice_per_case"].items():
         for name, value in per_class.items():
             assert two["dice_per_case"][case][name] == pytest.approx(value, abs=1e-6), (case, name)
 
-    image = next(p for p in sorted(slides.parent.glob("*.tiff")) if not p.name.endswith("_mask.tiff"))
-    hrvit("predict", trained, "--input", image, "--out", tmp_path)
-    written = sorted(p.name for p in tmp_path.iterdir())
-    assert any(name.endswith(".png") for name in written), written
-    pred = open_label(next(p for p in tmp_path.iterdir() if p.name.endswith("_pred.tiff")))
-    assert pred.shape == openslide_shape(image)
+    # many images at once: a file, a glob, a folder (masks skipped) and the manifest (the same slides named twice
+    # count once), and an override
+    images = [p for p in sorted(slides.parent.glob("*.tiff")) if not p.name.endswith("_mask.tiff")]
+    out = tmp_path / "pred"
+    proc = hrvit("predict", trained, "eval.batch=4", "--input", images[0], str(slides.parent / "slide_00[01].tiff"),
+                 slides.parent, slides, "--out", out)
+    assert f"predicting {len(images)} image(s)" in proc.stdout, proc.stdout
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"{p.stem}_{kind}" for p in images for kind in ("overlay.png", "pred.tiff")), written
+    pred = open_label(out / f"{images[0].stem}_pred.tiff")
+    assert pred.shape == openslide_shape(images[0])
     values = pred.read((0, 0), pred.shape)
     assert set(np.unique(values).tolist()) <= {0, 1, 2}
 
@@ -126,7 +136,9 @@ def test_volume_training_and_prediction_keep_the_affine(volumes, tmp_path):
     assert summary["steps"] == 3 and summary["dice_mean"] is not None
     case = sorted(p for p in volumes.iterdir() if p.is_dir())[0]
     inputs = [case / f"{case.name}_{m}.nii.gz" for m in ("t1", "t1ce", "t2", "flair")]
-    hrvit("predict", run, "--input", *inputs, "--out", tmp_path / "pred")
+    proc = hrvit("predict", run, "--input", *inputs, "--out", tmp_path / "pred", check=False)
+    assert proc.returncode == 2 and "joined with ';'" in proc.stderr, proc.stderr[-1000:]
+    hrvit("predict", run, "--input", ";".join(map(str, inputs)), "--out", tmp_path / "pred")
     pred_path = next((tmp_path / "pred").glob("*.nii.gz"))
     ref, pred = nib.load(inputs[0]), nib.load(pred_path)
     assert pred.shape == ref.shape

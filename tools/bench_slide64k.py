@@ -153,7 +153,7 @@ def main() -> None:
     rows.append(Stage("predict", [*hrvit, "predict", str(run), "--input", str(cache / "slide.tiff"), "--out",
                                   str(pred_dir)], env, out / "predict.log").run())
     check = check_prediction(pred_dir / "slide_pred.tiff", cache / "slide.tiff")
-    evaluation = json.loads((run / "eval.json").read_text())
+    evaluation = json.loads((run / "eval_val.json").read_text())
     print(f"\nslide {args.size}^2, {args.tokens} adaptive tokens, nano preset, {args.steps} steps, 1 rank, "
           f"{args.threads} torch thread(s)")
     print("| stage | wall s | peak one process (GB) | peak process tree (GB) |")

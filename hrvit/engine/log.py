@@ -61,6 +61,7 @@ class RunLog:
         self.enabled = enabled
         self.last_loss = None
         self.started = time.perf_counter()
+        self.total, self.start = total, start
         self._file = self._csv = self._tb = None
         self._progress = None
         if not enabled:
@@ -79,10 +80,18 @@ class RunLog:
             # a resumed run drops the events of the steps it redoes
             self._tb = SummaryWriter(str(run / TENSORBOARD), purge_step=start + 1 if start else None)
         if sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[status]}"), TimeRemainingColumn())
+                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                      TimeRemainingColumn())
             self._task = self._progress.add_task("train", total=total, completed=start, status="")
             self._progress.start()
 
@@ -110,7 +119,8 @@ class RunLog:
             if self._progress is not None:
                 self._progress.update(self._task, status=status)
             else:
-                print(f"step {row['step']}  {status}  lr {row['lr']:.2e}", flush=True)
+                print(f"step {row['step']}/{self.total}  {status}  lr {row['lr']:.2e}  {self._times(row['step'])}",
+                      flush=True)
         if "eval" in row:
             ev = row["eval"]
             if "accuracy" in ev:
@@ -120,6 +130,18 @@ class RunLog:
             else:
                 self.info(f"eval at step {row['step']}: mean Dice {ev.get('dice_mean')}  "
                           f"per class {ev.get('dice_per_class')}")
+
+    def _times(self, step: int) -> str:
+        """'elapsed H:MM:SS  ETA H:MM:SS' from this process's pace (a resumed run counts from its resume)."""
+        elapsed = time.perf_counter() - self.started
+        done = step - self.start
+        eta = elapsed / done * (self.total - step) if done > 0 else None
+
+        def clock(seconds):
+            s = int(seconds)
+            return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+        return f"elapsed {clock(elapsed)}  ETA {clock(eta) if eta is not None else '?'}"
 
     def advance(self, step: int) -> None:
         if self._progress is not None:

@@ -37,7 +37,8 @@ def dice_from_counts(counts: np.ndarray) -> np.ndarray:
 
 
 def summarize(per_case: dict[str, np.ndarray], class_names: list[str]) -> dict:
-    """Mean over cases of each class's Dice; `dice_mean` over the foreground classes (1..K-1)."""
+    """Mean over cases of each class's Dice; `dice_mean_foreground` over the foreground classes (1..K-1), the
+    figure papers report; `dice_mean` is the same number under its older name."""
     table = np.array([dice_from_counts(c) for c in per_case.values()])  # [cases, K]
     with warnings.catch_warnings():  # a class absent from every case has no Dice: NaN, then None
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -49,6 +50,7 @@ def summarize(per_case: dict[str, np.ndarray], class_names: list[str]) -> dict:
         return None if not np.isfinite(v) else round(float(v), 6)
 
     return {
+        "dice_mean_foreground": clean(mean),
         "dice_mean": clean(mean),
         "dice_per_class": {name: clean(v) for name, v in zip(class_names, per_class)},
         "dice_per_case": {case: {name: clean(v) for name, v in zip(class_names, dice_from_counts(c))}

@@ -13,7 +13,17 @@ import numpy as np
 
 from hrvit.config import Config, check_writable_dir
 from hrvit.data.datasets import BRATS_LABEL_MAP, Case, CaseSpec
-from hrvit.data.sources import SlideSource, VolumeSource, open_image, suffix, write_nifti
+from hrvit.data.sources import (
+    NIFTI_SUFFIXES,
+    PICTURE_SUFFIXES,
+    SLIDE_SUFFIXES,
+    TIFF_SUFFIXES,
+    SlideSource,
+    VolumeSource,
+    open_image,
+    suffix,
+    write_nifti,
+)
 from hrvit.data.tiff import write_label_pyramid
 from hrvit.engine.infer import LabelMap, picture_grid, picture_image, predict_labels
 from hrvit.engine.picture import write_picture
@@ -35,6 +45,52 @@ def _stored_values(cfg: Config, pred: np.ndarray) -> np.ndarray:
     return lut[pred]
 
 
+IMAGE_SUFFIXES = (*SLIDE_SUFFIXES, *TIFF_SUFFIXES, *NIFTI_SUFFIXES, *PICTURE_SUFFIXES, ".npy")
+
+
+def expand_inputs(items: list[str]) -> list[list[Path]]:
+    """`hrvit predict --input` items -> images (each a list of channel files): a file; channel files of one
+    image joined with ';' (as in manifests); a folder (its image files, not recursive, skipping `*_mask.*` and
+    earlier `*_pred.*` outputs); a glob such as 'slides/*.svs'; a manifest (.csv/.json: its image column, paths
+    relative to it). The same file named twice counts once; two different files with one name are refused,
+    since their predictions would overwrite each other."""
+    from glob import glob
+
+    from hrvit.data.datasets import discover
+
+    def images_in(paths) -> list[list[Path]]:
+        keep = [p for p in sorted(paths) if p.is_file() and suffix(p) in IMAGE_SUFFIXES
+                and not _stem(p).endswith(("_mask", "_pred"))]
+        return [[p] for p in keep]
+
+    images: list[list[Path]] = []
+    for item in items:
+        path = Path(item)
+        if ";" in item:
+            found = [[Path(p.strip()) for p in item.split(";") if p.strip()]]
+        elif path.is_dir():
+            found = images_in(path.iterdir())
+        elif any(c in item for c in "*?["):
+            found = images_in(Path(p) for p in glob(item))
+        elif suffix(path) in (".csv", ".json"):
+            found = [spec.image for spec in discover("manifest", manifest=path, allow_outside_root=True)]
+        else:
+            found = [[path]]
+        if not found:
+            raise DataError(f"--input {item}: no image found there (looked for {', '.join(IMAGE_SUFFIXES)})")
+        for paths in found:
+            if missing := [p for p in paths if not p.is_file()]:
+                raise DataError(f"--input {item}: {missing[0]} not found")
+        images += found
+    unique = list({tuple(p.resolve() for p in paths): paths for paths in images}.values())
+    names: dict[str, Path] = {}
+    for paths in unique:
+        if (other := names.setdefault(_stem(paths[0]), paths[0])) != paths[0]:
+            raise DataError(f"--input: {other} and {paths[0]} would both be written as {_stem(paths[0])}_pred.*; "
+                            "predict them into different --out folders")
+    return unique
+
+
 def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path, ckpt: str | Path | None = None
                   ) -> list[Path]:
     """Predict each input (one path, or one per channel) with the run's newest complete checkpoint, or `ckpt`
@@ -46,12 +102,15 @@ def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path, c
     if not sources:
         return []
     first = sources[0]
-    model = load_weights(run, cfg, len(first.shape), first.channels, ckpt=ckpt, what=str(inputs[0][0]))
+    join = "; give the channel files of one volume as one --input item joined with ';'"
+    hint = join if len(inputs[0]) == 1 and suffix(inputs[0][0]) in NIFTI_SUFFIXES else ""
+    model = load_weights(run, cfg, len(first.shape), first.channels, ckpt=ckpt, what=str(inputs[0][0]), fix=hint)
     for paths, source in zip(inputs, sources):
         if source.channels != model.encoder.in_chans or len(source.shape) != model.encoder.ndim:
+            hint = join if source.channels < model.encoder.in_chans and suffix(paths[0]) in NIFTI_SUFFIXES else ""
             raise DataError(f"{paths[0]}: {len(source.shape)}-D image with {source.channels} channel(s), "
                             f"but the model of {run} takes {model.encoder.ndim}-D images with "
-                            f"{model.encoder.in_chans} channel(s)")
+                            f"{model.encoder.in_chans} channel(s){hint}")
     written = []
     for paths, source in zip(inputs, sources):
         case = Case(CaseSpec(_stem(paths[0]), list(paths), None, "test"), source, None)
@@ -76,7 +135,10 @@ def _write_outputs(cfg: Config, out: Path, name: str, source, labels: LabelMap) 
         target = _atomic(out / f"{name}_pred.png", lambda tmp: Image.fromarray(labels.full()).save(tmp))
     image = picture_image(source)
     small = labels.sample(picture_grid(source.shape, image.shape[1:]))
-    return [target, _atomic(out / f"{name}_overlay.png", lambda tmp: write_picture(tmp, image, None, small))]
+    from hrvit.engine.session import class_names
+
+    return [target, _atomic(out / f"{name}_overlay.png",
+                            lambda tmp: write_picture(tmp, image, None, small, class_names(cfg)))]
 
 
 def slide_mpp(source) -> tuple[float, float] | None:

@@ -107,19 +107,21 @@ class SegmentTask:
                                                     batch=cfg.eval.batch, num_classes=cfg.data.num_classes,
                                                     device=device, picture=grid)
             if picture:
-                write_picture(run / "prediction.png", image, truth_on_grid(case, grid), small)
+                write_picture(run / "prediction.png", image, truth_on_grid(case, grid), small, class_names(cfg))
         net.train(was_training)
         found = {}
         for part in comm.all_gather_object(mine if session.sp_rank == 0 else {}):
             found.update(part)
         per_case = {s.id: found[s.id] for s in cases}
-        result = summarize(per_case, class_names(cfg)) if per_case else {"dice_mean": None}
+        result = summarize(per_case, class_names(cfg)) if per_case else dict.fromkeys(("dice_mean_foreground",
+                                                                                      "dice_mean"))
         result.update(step=step, cases=len(per_case), split=cfg.eval.split)
         return result
 
     def summary_fields(self, result: dict) -> dict:
         """The task's part of summary.json, from the final evaluation."""
-        return {"dice_mean": result.get("dice_mean"), "dice_per_class": result.get("dice_per_class"),
+        return {"dice_mean_foreground": result.get("dice_mean_foreground"), "dice_mean": result.get("dice_mean"),
+                "dice_per_class": result.get("dice_per_class"),
                 "eval_cases": result.get("cases"), "patching": self.cfg.patching.mode,
                 "patch_size": self.cfg.patching.patch_size}
 

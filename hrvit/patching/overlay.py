@@ -16,6 +16,33 @@ LEVEL_COLOURS = np.array([[230, 25, 75], [245, 130, 48], [255, 225, 25], [60, 18
 """Outline colour of a leaf of level l = log2(size / p): red for base-size leaves, then orange, yellow, ..."""
 MIN_EDGE = 512
 """Pictures smaller than this are enlarged (nearest) before the outlines are drawn."""
+LEGEND = 16
+"""Height of the legend row under a picture, in pixels."""
+
+
+def save_with_legend(path: Path, picture: np.ndarray, legend: dict[str, list[int]], text: dict | None = None,
+                     **save) -> Path:
+    """Save an RGB picture [h, w, 3] with a legend row under it (a swatch and a name per entry); the legend and
+    `text` also go into the PNG's text chunks ('hrvit-legend': {name: [r, g, b]}, and each key of `text`), so
+    tools and tests can read what the colours mean."""
+    import json
+
+    from PIL import Image, ImageDraw, PngImagePlugin
+
+    sheet = Image.new("RGB", (picture.shape[1], picture.shape[0] + LEGEND + 4), "white")
+    sheet.paste(Image.fromarray(picture), (0, 0))
+    draw, x, y = ImageDraw.Draw(sheet), 3, picture.shape[0] + 2
+    for name, colour in legend.items():
+        draw.rectangle([x, y + 2, x + 10, y + 12], fill=tuple(colour), outline="black")
+        draw.text((x + 14, y + 1), name, fill="black")
+        x += 14 + int(draw.textlength(name)) + 12
+    info = PngImagePlugin.PngInfo()
+    for key, value in {"hrvit-legend": legend, **(text or {})}.items():
+        info.add_text(key, json.dumps(value))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, pnginfo=info, **save)
+    return path
 
 
 def leaf_stats(seq: PatchSequence) -> dict:
@@ -105,8 +132,6 @@ def patchify(source, cfg, out: Path, max_edge: int = 2048) -> dict:
     """Adaptive tokens of a whole image (a hrvit.data source) as `cfg` says; writes the overlay PNG to
     `out` and returns the statistics. Slides are patched pyramid-natively and drawn on the overview patch_pyramid
     makes from the pixels it read (asking the file for a thumbnail would decode level 0 a second time)."""
-    from PIL import Image
-
     shape = tuple(source.shape)
     if hasattr(source, "read_level"):
         seq = patch_pyramid(source, cfg, picture=max_edge)
@@ -119,9 +144,11 @@ def patchify(source, cfg, out: Path, max_edge: int = 2048) -> dict:
         seq.meta.update(pixels_read={0: int(np.prod(shape))}, level0_fraction_read=1.0)
         stride = max(1, -(-max(shape) // max_edge))
         picture = image[(slice(None), *[slice(None, None, stride)] * len(shape))].numpy()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(overlay(picture, seq)).save(out, compress_level=1)  # level 6 took 1 s for a 2048^2 overlay
+    p = seq.patch_size
+    legend = {f"{p << lv} px leaves": LEVEL_COLOURS[min(lv, len(LEVEL_COLOURS) - 1)].tolist()
+              for lv in sorted(set(seq.level[seq.valid].tolist()))}
+    # compress_level 1: level 6 took 1 s for a 2048^2 overlay
+    save_with_legend(out, overlay(picture, seq), legend, compress_level=1)
     seconds = {"read": read_seconds, **seq.meta["seconds"]}
     return {**leaf_stats(seq), "seconds": {k: round(v, 4) for k, v in seconds.items()},
             "pixels_read": seq.meta["pixels_read"], "level0_fraction_read": seq.meta["level0_fraction_read"]}
