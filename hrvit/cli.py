@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hrvit", description="Vision Transformers on gigapixel slides and 3-D volumes.")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment carries the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true",
+                   help="keep torch's and DeepSpeed's routine messages (deprecation warnings on every ZeRO-3 step, "
+                        "scheduler notes), which hrvit otherwise hides")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe",
@@ -256,10 +259,22 @@ def cmd_patchify(args) -> int:
     return 0
 
 
+def quiet_routine_noise() -> None:
+    """Hide messages that say nothing about the run: torch's FutureWarning that DeepSpeed 0.19.8 calls
+    `all_gather_into_tensor`/`reduce_scatter_tensor` (printed on every ZeRO-3 step) and DeepSpeed's note that the
+    learning rate was read before the scheduler's first step (hrvit logs it at step 0 on purpose)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "before it has started" not in record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # DeepSpeed's op builder makes torch warn "No CUDA runtime is found" on every CPU start; it is expected there.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if not args.verbose:
+        quiet_routine_noise()
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "synth": cmd_synth,
                "patchify": cmd_patchify, "check-data": cmd_check_data}[args.command]
     try:

@@ -93,6 +93,8 @@ def test_zero3_run_logs_csv_reports_precision_and_parameters_and_warns_when_exte
     assert summary["zero_stage"] == 3 and summary["precision"] == "fp32" and summary["parameters"] > 10_000
     assert f"{summary['parameters'] / 1e6:.2f}M parameters" in proc.stdout and "0.00M parameters" not in proc.stdout
     assert "picture" not in proc.stdout and not (run / "prediction.png").exists()
+    noise = ("is deprecated", "before it has started", "built successfully")  # routine messages, hidden
+    assert not any(n in proc.stdout + proc.stderr for n in noise), proc.stderr[-2000:]
     progress = [line for line in proc.stdout.splitlines() if line.startswith("step ")]  # plain lines in a log file
     assert [line.split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"], proc.stdout
     assert all("elapsed 0:" in line and " ETA " in line for line in progress) and "ETA 0:00:00" in progress[-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -32,14 +34,19 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
         check_backend(backend, get_accelerator().device_name())
         env["LOCAL_RANK"] = str(pick_device(int(env["LOCAL_RANK"])))
         os.environ.update(env)
+        said = io.StringIO()
         try:
-            deepspeed.init_distributed(dist_backend=backend,
-                                       timeout=timedelta(seconds=timeout_s), verbose=False)
+            with contextlib.redirect_stdout(said):  # DeepSpeed prints "... shm_comm_op built successfully" each start
+                deepspeed.init_distributed(dist_backend=backend,
+                                           timeout=timedelta(seconds=timeout_s), verbose=False)
         except (RuntimeError, ValueError, OSError) as err:
             raise HrvitError(
                 f"parallel: rank {env['RANK']} of {env['WORLD_SIZE']} could not join the process group at "
                 f"MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']} within parallel.timeout_s="
                 f"{timeout_s} s: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        finally:
+            sys.stdout.write("".join(line for line in said.getvalue().splitlines(keepends=True)
+                                     if "built successfully" not in line))
     return dist.get_rank(), dist.get_world_size()
 
 
