@@ -45,7 +45,7 @@ def shard_batch(batch: dict, sp_size: int, sp_rank: int) -> dict:
 
     valid = pad(batch["valid"], False)
     order = token_order(valid, sp_size)
-    rows = torch.arange(order.shape[0])[:, None]
+    rows = torch.arange(order.shape[0], device=order.device)[:, None]
     mine = order[:, sp_rank * local:(sp_rank + 1) * local]
     out = dict(batch, key_valid=valid[rows, order], token_order=order)
     for key, fill in _FILL.items():
@@ -59,7 +59,7 @@ def gather_tokens(local: torch.Tensor, group, order: torch.Tensor, length: int) 
     `order` is the batch's token_order. No gradient."""
     held = torch.cat(comm.all_gather(local, group), dim=1)
     out = torch.empty_like(held)
-    out[torch.arange(held.shape[0])[:, None], order.to(held.device)] = held
+    out[torch.arange(held.shape[0], device=held.device)[:, None], order.to(held.device)] = held
     return out[:, :length]
 
 
