@@ -608,14 +608,15 @@ MONITOR_PACKAGES = {"tensorboard": ("tensorboard", "pip install 'hrvit[tensorboa
 """DeepSpeed monitor sections and the package each imports when enabled (at engine start, as a traceback)."""
 
 
-def check_monitor_packages(ds: dict) -> None:
-    """A DeepSpeed monitor enabled without its package is one ConfigError naming what to install."""
+def check_monitor_packages(ds: dict, key: str = "deepspeed: {section}.enabled=true") -> None:
+    """A monitor enabled without its package (a DeepSpeed section of `ds`, or hrvit's logging.tensorboard given as
+    {"tensorboard": {"enabled": True}} with its own `key`) is one ConfigError naming what to install."""
     import importlib.util
 
     for section, (module, install) in MONITOR_PACKAGES.items():
         on = isinstance(ds.get(section), dict) and ds[section].get("enabled")
         if on and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"deepspeed: {section}.enabled=true needs the '{module}' package, which is not "
+            raise ConfigError(f"{key.format(section=section)} needs the '{module}' package, which is not "
                               f"installed: {install}")
 
 

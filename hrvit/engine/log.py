@@ -4,14 +4,11 @@ plotting, optionally RUN/metrics.csv and TensorBoard events (the `logging` confi
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import sys
 import time
 from pathlib import Path
-
-from hrvit.errors import ConfigError
 
 CSV = "metrics.csv"
 CSV_HEADER = ["step", "time", "name", "value"]
@@ -21,9 +18,9 @@ TENSORBOARD = "tensorboard"
 def check_logging(cfg) -> None:
     """Refuse logging.tensorboard without its package before anything starts (one message, not a traceback at
     the first logged step)."""
-    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("logging.tensorboard: true needs the 'tensorboard' package, which is not installed: "
-                          "pip install 'hrvit[tensorboard]' (or set logging.tensorboard=false)")
+    from hrvit.config import check_monitor_packages
+
+    check_monitor_packages({"tensorboard": {"enabled": cfg.logging.tensorboard}}, "logging.tensorboard: true")
 
 
 def scalars(row: dict) -> dict[str, float]:
