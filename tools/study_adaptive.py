@@ -12,7 +12,7 @@ loader worker prepares the next slide meanwhile) and the training process's CPU 
 sensitive to a shared machine), the per-step speed-ups, the steps done and the full-resolution mean
 Dice over the foreground classes.
 
-It uses hrvit's own pieces (TrainWindows, collate, the model, the loss, predict_case, Dice) in one
+It uses hrvit's own pieces (TrainWindows, collate, the model, the loss, case_dice_counts: evaluation's own Dice) in one
 process (one torch thread by default, plus one loader worker), not DeepSpeed, so that it measures
 patching, not launching.
 """
@@ -39,9 +39,9 @@ from hrvit.config import load_config  # noqa: E402
 from hrvit.data.datasets import open_case  # noqa: E402
 from hrvit.data.synthetic import make_slides  # noqa: E402
 from hrvit.data.windows import TrainWindows  # noqa: E402
-from hrvit.engine.infer import predict_case, read_truth  # noqa: E402
+from hrvit.engine.infer import case_dice_counts  # noqa: E402
 from hrvit.engine.losses import segmentation_loss  # noqa: E402
-from hrvit.engine.metrics import dice_counts, summarize  # noqa: E402
+from hrvit.engine.metrics import summarize  # noqa: E402
 from hrvit.engine.session import class_names, find_cases, task_for  # noqa: E402
 from hrvit.patching import collate  # noqa: E402
 
@@ -87,8 +87,8 @@ def run(manifest: Path, mode: str, tokens: int, budget: float, seed: int) -> dic
     tick = time.perf_counter()
     for spec in [s for s in specs if s.split == "val"]:
         case = open_case(spec, num_classes=cfg.data.num_classes)
-        pred = predict_case(model, case, window=None, patching=cfg.patching, batch=1)
-        per_case[spec.id] = dice_counts(pred, read_truth(case), cfg.data.num_classes)
+        per_case[spec.id], _ = case_dice_counts(model, case, window=None, patching=cfg.patching, batch=1,
+                                                num_classes=cfg.data.num_classes)
     result = summarize(per_case, class_names(cfg))
     return {"mode": mode, "tokens": len(batch["valid"][0]), "real_tokens": statistics.mean(real), "steps": step,
             "step_s": statistics.median(step_times[1:] or step_times),

@@ -219,13 +219,6 @@ def predict_labels(model: Callable, case: Case, *, window: int | None, patching:
     return labels
 
 
-def predict_case(model: Callable, case: Case, *, window: int | None, patching: PatchingConfig,
-                 batch: int, device=None) -> np.ndarray:
-    """Label map (uint8, the image's full-resolution shape): for small images and volumes; slides use
-    predict_labels and read regions of it."""
-    return predict_labels(model, case, window=window, patching=patching, batch=batch, device=device).full()
-
-
 def chunks(lo, hi, edge: int | None = None) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(start, size) blocks covering [lo, hi): 2-D blocks of edge^2 (default CHUNK), or slabs of about edge^2
     voxels in 3-D."""
@@ -285,9 +278,3 @@ def truth_on_grid(case: Case, coords: list[np.ndarray]) -> np.ndarray:
         index = [np.minimum((c / ds).astype(np.int64), n - 1) for c, n in zip(coords, small.shape)]
         return small[np.ix_(*index)]
     return label.read((0,) * len(shape), shape)[np.ix_(*coords)]
-
-
-def read_truth(case: Case) -> np.ndarray:
-    """The whole truth mask (small images only: evaluation reads it window by window)."""
-    shape = tuple(case.label.shape)
-    return case.label.read((0,) * len(shape), shape)
