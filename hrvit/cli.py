@@ -4,7 +4,8 @@
     hrvit train --resume RUN_DIR [key=value ...]   continue a run from its newest complete checkpoint
     hrvit check-data CONFIG [key=value ...]   validate every case of a dataset; table of problems
     hrvit eval RUN_DIR [key=value ...] [--checkpoint TAG]   full-resolution Dice (classify: accuracy) of a run
-    hrvit predict RUN_DIR [key=value ...] --input ITEM... --out DIR [--checkpoint TAG]   predictions + overlays
+    hrvit predict RUN_DIR [key=value ...] --input ITEM... --out DIR [--checkpoint TAG] [--probabilities]
+                                              predictions + overlays (+ per-class probability maps)
     hrvit synth {slides,volumes,megapixel} --out DIR    deterministic synthetic data
     hrvit patchify INPUT --out overlay.png [--json STATS]   adaptive tokens of one image, drawn
 """
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                         "multi-file volume joined with ';' ('t1.nii.gz;t1ce.nii.gz;t2.nii.gz;flair.nii.gz')")
     r.add_argument("--out", type=Path, required=True, help="output folder")
     r.add_argument("--checkpoint", default=None, metavar="TAG_OR_PATH", help=CHECKPOINT_HELP)
+    r.add_argument("--probabilities", action="store_true",
+                   help="also write per-class probabilities: volumes NAME_prob.nii.gz (float32, x, y, z, class; the "
+                        "input's affine), 2-D images one pyramidal TIFF per class NAME_prob_CLASS.tiff (uint8, "
+                        "probability x 255)")
 
     s = sub.add_parser("synth", help="write deterministic synthetic data")
     s.add_argument("kind", choices=["slides", "volumes", "megapixel"],
@@ -205,7 +210,7 @@ def cmd_predict(args) -> int:
     cfg = _run_config(args.run, args.overrides)
     inputs = expand_inputs(args.input)
     print(f"predicting {len(inputs)} image(s) into {args.out}", flush=True)
-    for path in predict_files(args.run, cfg, inputs, args.out, ckpt=args.checkpoint):
+    for path in predict_files(args.run, cfg, inputs, args.out, ckpt=args.checkpoint, probabilities=args.probabilities):
         print(f"wrote {path}")
     return 0
 

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,15 +33,24 @@ class DataConfig:
     layout: Literal["manifest", "paip", "brats"] = "manifest"
     """How cases are found: a manifest file (CSV/JSON), a PAIP-2019 folder or a BraTS-2021 folder."""
     manifest: str | None = None
-    """Manifest path (layout=manifest); image/label paths inside are relative to it."""
+    """Manifest path (layout=manifest): in a recipe relative to the recipe's folder, on the command line to the
+    current folder (docs/data.md); image/label paths inside it are relative to the manifest's folder."""
     root: str | None = None
-    """Dataset folder (layout=paip or brats)."""
+    """Dataset folder (layout=paip or brats; with layout=manifest, a folder holding manifest.csv/.json); relative
+    like data.manifest."""
     num_classes: int = 3
     """Label classes including background (0); labels must lie in [0, num_classes)."""
     class_names: list[str] | None = None
     """Optional names for reports, one per class."""
     window: int | None = 256
-    """Edge of the square/cubic window the model sees, in level-0 pixels; null = the whole image."""
+    """Edge of the square/cubic window the model sees, in level-0 pixels (in working pixels of data.mpp when
+    that is set); null = the whole image."""
+    mpp: float | None = None
+    """Working resolution of 2-D slides in microns per pixel (e.g. 0.5 for 20x): every slide is cut at this
+    physical scale whatever its scanner magnification (a token of patch_size working pixels covers
+    patch_size x mpp microns; data.window and patching.min_leaf/max_leaf count working pixels), read from the
+    pyramid level that suits. Slides need resolution tags (openslide.mpp-x or TIFF XResolution) and a
+    resolution at least this fine. Predictions and Dice stay at level-0 resolution. null = level-0 pixels."""
     foreground_bias: float = 0.5
     """Probability that a training window is centred on a labelled (non-zero) pixel."""
     augment: bool = True
@@ -57,6 +67,22 @@ class DataConfig:
     allow_split_overlap: bool = False
     """Accept the same image file (or identical pixels) in two splits; otherwise that is an error, since the
     validation Dice would then be measured on training data."""
+    cache_gb: float = 2.0
+    """Decoded NIfTI volumes kept in memory per process, in GB (0 = off): each case's channels and label are
+    decompressed once, then training windows and evaluation read from memory, the least recently used files evicted
+    beyond the budget. A .nii.gz cannot seek, so without it every window decompresses its files up to the window (a
+    BraTS case, 4 int16 channels and a uint8 label: 80 MB decoded, 0.3-0.5 s of CPU per window on 2 cores).
+    Every data-loader worker (data.workers) is its own process with its own cache: memory per rank is up to
+    (workers + 1) x cache_gb."""
+    nonfinite: Literal["error", "zero"] = "error"
+    """NaN/Inf voxels of an image: 'error' refuses the case before a run starts (naming the file and how many
+    voxels); 'zero' reads them as 0, which volume normalisation treats as background (outside the head), and
+    summary.json counts them per case (`nonfinite_voxels`)."""
+    regions: dict | None = None
+    """Dice regions scored next to the classes: region name -> the classes (after any label mapping) whose union
+    it is, e.g. {WT: [1, 2, 3], TC: [1, 3], ET: [3]}. null = the layout's default: BraTS gets these three (raw
+    labels 1 NCR, 2 ED, 4 ET are classes 1, 2, 3: whole tumour = all, tumour core = NCR + ET, enhancing tumour =
+    ET); other layouts none. {} = no regions."""
 
 
 @dataclass
@@ -87,6 +113,10 @@ class PatchingConfig:
     jitter: float = 0.0
     """Adaptive, training only: the scorer's thresholds are multiplied by exp(U(-jitter, jitter)) per sample
     (seeded augmentation)."""
+    halo: int = 0
+    """Pixels of context around each token, at the token's own scale, taken from its neighbours (overlap-tile):
+    the decoder's full-resolution convolutions then see across token borders, so predictions have no seams
+    on the patch grid. Costs ((p + 2 halo) / p)^D of the decoder's finest stage. 0 = each token alone."""
 
 
 @dataclass
@@ -101,12 +131,17 @@ class ModelConfig:
     """Override the preset's attention heads."""
     decoder_channels: list[int] | None = None
     """Override the decoder widths, one per upsampling stage."""
+    decoder_fuse: Literal["conv", "pointwise", "add"] = "conv"
+    """How each decoder stage mixes the upsampled map with its skips: `conv` (two 3^D convs over their
+    concatenation), `pointwise` (a 1^D conv, then one 3^D conv) or `add` (one 3^D conv over their sum). In 3-D
+    `add` makes the decoder's backward 2.2x cheaper and the 3-D quick start 1.47x faster, at 0.940 instead of
+    0.953 mean Dice there (docs/performance.md)."""
     drop_path: float = 0.0
     """Stochastic depth rate."""
     checkpoint_activations: bool = False
     """Recompute block activations in backward to save memory."""
     init_from: str | None = None
-    """A local timm ViT checkpoint (.pth/.bin/.safetensors) to initialise the encoder."""
+    """A local timm ViT checkpoint (.pth/.bin/.safetensors) to initialise the encoder; relative like data.manifest."""
 
 
 @dataclass
@@ -156,7 +191,7 @@ class TrainConfig:
     """Steps between checkpoints (0 = only at the end)."""
     resume: str | None = None
     """'auto' (latest complete checkpoint in output.dir, if any) or a checkpoint folder to resume from (a
-    run's checkpoints/ folder or one step folder in it)."""
+    run's checkpoints/ folder or one step folder in it), relative to the current folder."""
     keep_last: int = 3
     """Complete checkpoints kept in output.dir/checkpoints; older ones are deleted (0 = keep all)."""
     max_bad_steps: int = 5
@@ -177,12 +212,24 @@ class EvalConfig:
     """Windows per forward pass at evaluation."""
     max_cases: int | None = None
     """Evaluate at most this many cases (null = all)."""
+    overlap: float = 0.0
+    """Windowed evaluation and prediction (data.window set): neighbouring windows overlap by this fraction of the
+    window (stride = window x (1 - overlap)), and their class probabilities are blended (eval.blend); 0 = windows
+    side by side, the last one deciding where the grid's edge windows overlap (the labels are then exact per-token
+    argmaxes). In [0, 1); 0.5 is a common choice: ~4x (2-D) / ~8x (3-D) the windows, no seams at window borders."""
+    blend: Literal["gaussian", "linear", "constant"] = "gaussian"
+    """How overlapping windows' probabilities are weighted (eval.overlap > 0): 'gaussian' (sigma = window / 8 on
+    each axis, peak at the window centre), 'linear' (a tent from the centre to the border) or 'constant'."""
+    progress_s: float = 10.0
+    """Seconds between progress lines (windows done/total, elapsed, ETA) during evaluation and prediction, printed
+    by rank 0; a line also ends every case (0: a line after every batch of windows)."""
 
 
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    """Run folder: resolved config, metrics.jsonl, summary.json, checkpoints, pictures."""
+    """Run folder: resolved config, metrics.jsonl, summary.json, checkpoints, pictures. A relative path is relative
+    to the current folder (not the recipe's), like train.resume: runs are written where you work."""
     picture: bool = True
     """Write a PNG (image | truth | prediction) of the first evaluated case."""
 
@@ -202,7 +249,8 @@ class LoggingConfig:
 @dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/zero2.json"
-    """DeepSpeed JSON (ZeRO stage, precision); relative paths are tried from the repository too."""
+    """DeepSpeed JSON (ZeRO stage, precision); relative like data.manifest, and hrvit's shipped ds_configs/*.json
+    are found by that name from any folder."""
     overrides: dict = field(default_factory=dict)
     """Merged into the JSON (nested dicts merge key by key)."""
 
@@ -357,12 +405,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        _resolve_inputs(tree, path.parent.absolute(), f"the recipe {path}")
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        single: dict = {}
+        _set_dotted(single, key, value)
+        _resolve_inputs(single, None, "the command line")
+        node = single
+        for part in key.split("."):
+            node = node[part]
+        _set_dotted(tree, key, node)
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
+
+
+BRATS_REGIONS = {"WT": [1, 2, 3], "TC": [1, 3], "ET": [3]}
+"""BraTS Dice regions over hrvit's BraTS classes (raw labels 1 NCR, 2 ED, 4 ET -> classes 1, 2, 3)."""
+
+
+def dice_regions(data: DataConfig) -> dict[str, list[int]]:
+    """The Dice regions of a run: data.regions, or the layout's default when it is null (BraTS: BRATS_REGIONS)."""
+    if data.regions is not None:
+        return {str(k): list(v) if isinstance(v, (list, tuple)) else v for k, v in data.regions.items()}
+    return {k: list(v) for k, v in BRATS_REGIONS.items()} if data.layout == "brats" else {}
+
+
+def _validate_regions(data: DataConfig, need) -> None:
+    default = "" if data.regions is not None else \
+        f" (the {data.layout} layout's default; set data.regions to change it)"
+    for name, classes in dice_regions(data).items():
+        need(isinstance(classes, list) and len(classes) > 0 and all(
+            isinstance(c, int) and not isinstance(c, bool) for c in classes),
+            f"data.regions.{name}: {classes!r}; expected a non-empty list of class numbers")
+        bad = [c for c in classes if not 0 <= c < data.num_classes]
+        need(not bad, f"data.regions.{name}: classes {bad} are outside [0, {data.num_classes}) "
+             f"(data.num_classes={data.num_classes}){default}")
+        need(len(set(classes)) == len(classes), f"data.regions.{name}: {classes} names a class twice")
 
 
 def _validate_ips(ips: IPSConfig, p: int, need) -> None:
@@ -387,12 +466,17 @@ def validate(cfg: Config) -> None:
     need(w is None or (w >= p and w % p == 0),
          f"data.window: {w} must be a multiple of patching.patch_size ({p})")
     _validate_adaptive(cfg.patching, need)
+    need(0 <= cfg.patching.halo <= p // 2, f"patching.halo: {cfg.patching.halo} must lie in [0, "
+         f"patching.patch_size / 2 = {p // 2}]")
     if cfg.task == "classify":
         _validate_ips(cfg.ips, p, need)
         need(cfg.parallel.sp_size == 1, f"parallel.sp_size: {cfg.parallel.sp_size}; task: classify trains on "
              "ips.memory patches per image, which need no sequence parallelism (use 1)")
         need(cfg.data.layout == "manifest", f"data.layout: {cfg.data.layout!r}; task: classify reads image-level "
              "targets from a manifest ('manifest')")
+    need(cfg.data.mpp is None or cfg.data.mpp > 0, f"data.mpp: {cfg.data.mpp} must be > 0 (microns per pixel)")
+    need(cfg.data.mpp is None or cfg.task == "segment", "data.mpp: the working resolution applies to task: "
+         "segment (IPS reads its patches at level 0)")
     need(cfg.data.num_classes >= 2, f"data.num_classes: {cfg.data.num_classes} must be >= 2")
     names = cfg.data.class_names
     need(names is None or len(names) == cfg.data.num_classes,
@@ -400,6 +484,8 @@ def validate(cfg: Config) -> None:
     need(0.0 <= cfg.data.foreground_bias <= 1.0, "data.foreground_bias: must lie in [0, 1]")
     need(0.0 <= cfg.data.val_fraction < 1.0, "data.val_fraction: must lie in [0, 1)")
     need(cfg.data.workers >= 0, "data.workers: must be >= 0")
+    need(cfg.data.cache_gb >= 0, f"data.cache_gb: {cfg.data.cache_gb} must be >= 0 (0 = no cache)")
+    _validate_regions(cfg.data, need)
     if cfg.data.layout == "manifest":
         need(cfg.data.manifest is not None, "data.manifest: required when data.layout is 'manifest'")
     else:
@@ -434,13 +520,20 @@ def validate(cfg: Config) -> None:
     need(z is None or 0 <= z <= 3, f"parallel.zero_stage: {z} must be 0, 1, 2 or 3 (or null: the JSON's)")
     need(cfg.eval.every >= 0, "eval.every: must be >= 0")
     need(cfg.eval.batch >= 1, "eval.batch: must be >= 1")
+    need(0.0 <= cfg.eval.overlap < 1.0, f"eval.overlap: {cfg.eval.overlap} must lie in [0, 1) (a fraction of the "
+         "window)")
+    need(cfg.eval.overlap == 0 or cfg.data.window is not None, f"eval.overlap: {cfg.eval.overlap} needs windows, "
+         "but data.window is null (whole images: nothing to overlap); set data.window or eval.overlap=0")
+    need(cfg.eval.progress_s >= 0, f"eval.progress_s: {cfg.eval.progress_s} must be >= 0")
     need(cfg.eval.split in ("train", "val", "test"), f"eval.split: {cfg.eval.split!r} is not train, val or test")
     need(cfg.model.drop_path >= 0, "model.drop_path: must be >= 0")
     for key in ("embed_dim", "depth", "num_heads"):
         v = getattr(cfg.model, key)
         need(v is None or v >= 1, f"model.{key}: {v} must be >= 1")
     ds_path = resolve_path(cfg.deepspeed.config)
-    need(ds_path.is_file(), f"deepspeed.config: {cfg.deepspeed.config} not found (e.g. ds_configs/zero2.json)")
+    written = _LOOKED.get(str(ds_path), (None, cfg.deepspeed.config))[1]
+    need(ds_path.is_file(), f"deepspeed.config: {written} not found{where_looked(ds_path, key=False)}; hrvit ships "
+         "ds_configs/zero1.json, zero2.json, zero3.json and zero3_offload.json")
     check_writable_dir(cfg.output.dir, "output.dir")
 
 
@@ -497,6 +590,72 @@ def resolve_path(path: str | Path) -> Path:
     if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
         return REPO_ROOT / path
     return path
+
+
+INPUT_PATHS = ("data.manifest", "data.root", "model.init_from", "deepspeed.config")
+"""Keys naming input files or folders. A relative path written in a recipe is relative to the recipe's folder;
+given on the command line (key=value), to the current folder. load_config makes them absolute, so the run's
+config.yaml names the files it used. output.dir and train.resume name run folders: those stay relative to the
+current folder, where runs are written."""
+
+_LOOKED: dict[str, tuple[str, str, str]] = {}
+"""Resolved path -> (key, path as written, where it was looked for), for inputs found nowhere (for messages)."""
+
+
+def _folder_list(places: list[tuple[Path, str]]) -> str:
+    seen, parts = set(), []
+    for folder, what in places:
+        if str(folder) not in seen:
+            seen.add(str(folder))
+            parts.append(f"{folder} ({what})")
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def _resolve_input(key: str, written: Any, base: Path | None, origin: str) -> Any:
+    """The absolute path an input key's value names (see INPUT_PATHS). In a recipe: the recipe's folder, then, for
+    recipes written before this rule, the current folder (with a warning); on the command line: the current
+    folder. deepspeed.config also finds hrvit's shipped JSONs (ds_configs/) from anywhere. A path found nowhere
+    becomes the first place looked, and where_looked() tells the error message where that was."""
+    if not isinstance(written, str) or not written.strip():
+        return written
+    path = Path(os.path.expanduser(written))
+    if path.is_absolute():
+        return os.path.normpath(path)
+    cwd, shipped = (Path.cwd(), "the current folder"), (REPO_ROOT, "hrvit's shipped DeepSpeed configs")
+    if base is not None:
+        places = [(base, "the recipe's folder"), *([shipped] if key == "deepspeed.config" else []), cwd]
+    else:
+        places = [cwd, *([shipped] if key == "deepspeed.config" else [])]
+    for folder, _ in places:
+        found = folder / path
+        if found.exists():
+            if base is not None and folder is cwd[0] and folder != base and os.environ.get("RANK", "0") == "0":
+                print(f"hrvit: warning: {key}: {written} is not in the recipe's folder {base}; using "
+                      f"{os.path.normpath(found)}, relative to the current folder. Paths in a recipe are relative "
+                      "to the recipe's folder: write it so (or as an absolute path)", file=sys.stderr, flush=True)
+            return os.path.normpath(found)
+    chosen = os.path.normpath(places[0][0] / path)
+    _LOOKED[chosen] = (key, written, f"in {origin}; looked in {_folder_list(places)}")
+    return chosen
+
+
+def _resolve_inputs(tree: dict, base: Path | None, origin: str) -> None:
+    """Replace the INPUT_PATHS values present in a (partial) config tree by absolute paths, in place."""
+    for dotted in INPUT_PATHS:
+        section, name = dotted.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and name in node:
+            node[name] = _resolve_input(dotted, node[name], base, origin)
+
+
+def where_looked(path: str | Path, key: bool = True) -> str:
+    """For a not-found message: " (data.manifest: 'x.csv' as written in the recipe r.yaml; looked in /a (the
+    recipe's folder) and /b (the current folder))" for an input load_config resolved but found nowhere; else ''."""
+    entry = _LOOKED.get(os.path.normpath(os.path.abspath(path)))
+    if entry is None:
+        return ""
+    name, written, where = entry
+    return f" ({name}: {written!r} as written {where})" if key else f" (as written {where})"
 
 
 def to_dict(cfg: Config) -> dict:

@@ -38,7 +38,7 @@ def reference_labels(model, case, window, patching, batch=2) -> np.ndarray:
         chunk = starts[first:first + batch]
         b = collate([read_window(case, s, win, patching, with_label=False) for s in chunk])
         with torch.no_grad():
-            logits = model(b["pixels"], b["boxes"], b["valid"], b["image_shape"]).float()
+            logits = model(b["pixels"], b["boxes"], b["valid"], b["scale"]).float()
         for j, start in enumerate(chunk):
             full = depatch(logits[j], b["boxes"][j], b["valid"][j], win).argmax(0).numpy()
             region = tuple(slice(s, min(s + w, n)) for s, w, n in zip(start, win, shape))

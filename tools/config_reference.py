@@ -1,6 +1,6 @@
 """Print the config reference (every key, its default and its docstring) as a Markdown table.
 
-The README's "Config reference" section is this output; tests/test_config.py checks that it
+docs/config.md holds this output; tests/test_readme.py checks that it
 is up to date, so a new option cannot land undocumented.
     python tools/config_reference.py
 """

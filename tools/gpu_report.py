@@ -275,7 +275,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def render_markdown(result: dict) -> str:
-    """The summary as Markdown: a table per section, ready to paste into the README."""
+    """The summary as Markdown: a table per section, ready to paste into docs/performance.md."""
     v = result.get("versions") or {}
     lines = ["# hrvit GPU check", ""]
     if result.get("cpu_only"):

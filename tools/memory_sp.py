@@ -71,6 +71,7 @@ def worker(args) -> None:
         "valid": torch.ones(1, length, dtype=torch.bool),
         "target": torch.randint(0, 3, (1, length, p, p)),
         "image_shape": torch.tensor([[rows * p, cols * p]]),
+        "scale": torch.ones(1),
     }
     session.backward(session.loss(batch))  # warm-up: gradients, optimizer state, kernels, buffers
     engine.step()

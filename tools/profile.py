@@ -7,8 +7,10 @@ Each configuration (the recipe + overrides + one value of every sweep axis; the 
 cartesian product) builds the real model and DeepSpeed engine, trains `--warmup` steps, then
 measures `--steps` steps on synthetic slides generated once per resolution and cached under
 data/profile_cache/<size>/. Axes are config keys (`train.micro_batch`) or short names:
-resolution (synthetic slide side; whole slides, data.window=null), mode, L, p, preset, sp, zero,
-micro_batch, ckpt, precision (fp32/bf16/fp16) and ranks (processes; driver mode only).
+resolution (synthetic slide side; whole slides, data.window=null), volume (a synthetic 4-channel
+BraTS-layout gzip NIfTI case of that shape, ZxYxX such as 197x233x189 or one side for a cube, whole volume,
+written once under data/profile_cache/volume-<shape>/; use it with launch/recipes/quickstart3d.yaml), mode,
+L, p, preset, sp, zero, micro_batch, ckpt, precision (fp32/bf16/fp16) and ranks (processes; driver mode only).
 
 Per configuration it reports step time (median, p10, p90 over measured steps; a step is the
 slowest rank's), samples/s and tokens/s (real tokens, global and per device), model FLOPs per
@@ -23,7 +25,22 @@ forward/backward/optimizer, so that share overlaps the others). Rows go to DIR/r
 and DIR/results.csv, a rich table to the console, and PNG plots to DIR for the axes the sweep
 has: step time vs resolution per patching mode (log-log), peak memory per rank vs SP size,
 tokens/s vs ranks, and tokens/s per configuration. `--compare AXIS=A,B` adds the speed-up of B
-over A (median step time of A / B) for every setting of the other axes and its geometric mean.
+over A (median step time of A / B) for every setting of the other axes and its geometric mean, and the
+speed-up of every part (below).
+
+Parts of the step (columns part_<name>_s: seconds per step, the mean over measured steps and ranks; they add
+up to the step): data (waiting for the batch), to_device (the step's sequence-parallel cut and copy of the
+batch to the device), encoder_forward, decoder_forward, loss, decoder_backward, encoder_backward and
+optimizer. Forward parts are cut by hooks on the encoder and decoder modules. The backward is cut where the
+gradient reaches the encoder's hidden states: the encoder's outputs pass through views whose gradient hooks
+mark the time, so decoder_backward runs from the start of backward to the last of those marks and
+encoder_backward is the rest (autograd runs the decoder's nodes, created later, first). Reduction hooks of
+ZeRO fall in the part whose backward fires them. With --encoder-only, decoder_forward is 0 and
+decoder_backward is the stand-in loss's backward.
+
+example (the 3-D step on a BraTS-size volume, with and without the pointwise decoder fuse):
+    python tools/profile.py launch/recipes/quickstart3d.yaml parallel.sp_size=1 train.micro_batch=1 L=2048 \
+        volume=197x233x189 --sweep model.decoder_fuse=conv,pointwise --compare model.decoder_fuse=conv,pointwise
 
 How configurations run (and why):
 - Driver mode (started as one plain process): every configuration runs in fresh child processes
@@ -78,7 +95,7 @@ ALIASES = {
     "sp": "parallel.sp_size", "ring": "parallel.ring", "zero": "deepspeed.overrides.zero_optimization.stage",
     "micro_batch": "train.micro_batch", "ckpt": "model.checkpoint_activations",
 }
-SPECIAL = ("resolution", "precision", "ranks")
+SPECIAL = ("resolution", "volume", "precision", "ranks")
 PRECISIONS = {"fp32": {}, "bf16": {"bf16": {"enabled": True}}, "fp16": {"fp16": {"enabled": True}}}
 PEAK_TFLOPS = [  # dense tensor-core peaks per device (MI250X: per GCD) from the vendors' data sheets
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
@@ -95,9 +112,14 @@ FIELDS = [
     "tokens_per_s", "tokens_per_s_per_device", "flops_per_step", "tflops_per_s_per_device",
     "peak_tflops_per_device", "peak_source", "mfu", "peak_mem_mib", "held_mem_mib", "peak_mem_mib_per_rank",
     "share_data", "share_forward", "share_backward", "share_optimizer", "share_comm", "comm_s_per_step",
+    "part_data_s", "part_to_device_s", "part_encoder_forward_s", "part_decoder_forward_s", "part_loss_s",
+    "part_decoder_backward_s", "part_encoder_backward_s", "part_optimizer_s",
     "axes", "overrides", "env",
 ]
 """Columns of results.csv, in order (JSONL rows carry the same keys; axes and env are nested there)."""
+PARTS = ("data", "to_device", "encoder_forward", "decoder_forward", "loss", "decoder_backward", "encoder_backward",
+         "optimizer")
+"""The parts of a training step, in the order they run (module docstring)."""
 
 
 # --- the sweep -----------------------------------------------------------------------------------
@@ -122,6 +144,9 @@ def point_overrides(point: dict) -> list[str]:
         if key == "resolution":
             out += ["data.layout=manifest", f"data.manifest={json.dumps(str(CACHE / str(value) / 'manifest.csv'))}",
                     "data.window=null"]
+        elif key == "volume":
+            folder = CACHE / f"volume-{'x'.join(map(str, volume_shape(value)))}"
+            out += ["data.layout=brats", f"data.root={json.dumps(str(folder))}", "data.window=null"]
         elif key == "precision":
             if value not in PRECISIONS:
                 raise ConfigError(f"precision: {value!r} is not one of {', '.join(PRECISIONS)}")
@@ -154,12 +179,93 @@ def synthetic_manifest(size: int) -> Path:
     return folder / "manifest.csv"
 
 
+def volume_shape(value) -> tuple[int, int, int]:
+    """The `volume` axis value (ZxYxX, e.g. 197x233x189, or one side N for a cube) as (z, y, x)."""
+    text = str(value).lower().replace("*", "x")
+    try:
+        shape = tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) == 1:
+        shape = shape * 3
+    if len(shape) != 3 or min(shape) < 8:
+        raise ConfigError(f"volume: {value!r} must be ZxYxX (e.g. 197x233x189) or one side, each >= 8 voxels")
+    return shape
+
+
+def synthetic_volume_root(value) -> Path:
+    """One synthetic 4-channel case of `value`'s shape in the BraTS layout (gzip NIfTI, int16, non-identity
+    affine, labels 0/1/2/4), written once; the folder is data.root for data.layout=brats. One case is a
+    training case (assign_splits keeps a lone case for training)."""
+    from hrvit.data.synthetic import make_volumes
+
+    shape = volume_shape(value)
+    folder = CACHE / f"volume-{'x'.join(map(str, shape))}"
+    if not folder.is_dir():
+        tmp = CACHE / f"volume-{'x'.join(map(str, shape))}.tmp-{os.getpid()}"
+        make_volumes(tmp, n=1, shape=shape, seed=0)
+        tmp.rename(folder)  # atomic: a half-written cache is never used
+    return folder
+
+
 # --- one configuration, in-process ---------------------------------------------------------------
 
 def _sync() -> None:
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().synchronize()
+
+
+class PartClock:
+    """Times inside one micro-batch from hooks: the encoder's forward start and end, the decoder's forward end,
+    and the arrival of the loss's gradient at the encoder's hidden states (see the module docstring)."""
+
+    def __init__(self, model):
+        self.marks: dict[str, float] = {}
+        self.grads: list[float] = []
+        encoder = model.encoder if hasattr(model, "encoder") else model
+        self.handles = [encoder.register_forward_pre_hook(lambda *_: self.mark("encoder_start")),
+                        encoder.register_forward_hook(self._encoder_end)]
+        if getattr(model, "decoder", None) is not None:
+            self.handles.append(model.decoder.register_forward_hook(lambda *_: self.mark("decoder_end")))
+
+    def reset(self) -> None:
+        self.marks.clear()
+        self.grads.clear()
+
+    def mark(self, name: str) -> None:
+        _sync()
+        self.marks[name] = time.perf_counter()
+
+    def _grad_arrived(self, grad):
+        _sync()
+        self.grads.append(time.perf_counter())
+        return grad
+
+    def _encoder_end(self, module, inputs, output):
+        self.mark("encoder_end")
+        hidden = list(output) if isinstance(output, (list, tuple)) else [output]
+        views = []
+        for h in hidden:  # a view's gradient is the decoder's (or the loss's) alone, not the later blocks'
+            v = h.view_as(h)
+            if v.requires_grad:
+                v.register_hook(self._grad_arrived)
+            views.append(v)
+        return type(output)(views) if isinstance(output, (list, tuple)) else views[0]
+
+    def split(self, start: float, forward_end: float, backward_end: float) -> dict[str, float]:
+        """Seconds of each forward/backward part of the micro-batch whose forward began at `start`."""
+        m = self.marks
+        enc0, enc1 = m.get("encoder_start", start), m.get("encoder_end", start)
+        dec1 = m.get("decoder_end", enc1)
+        grad = max(self.grads) if self.grads else forward_end
+        return {"to_device": enc0 - start, "encoder_forward": enc1 - enc0, "decoder_forward": dec1 - enc1,
+                "loss": forward_end - dec1, "decoder_backward": grad - forward_end,
+                "encoder_backward": backward_end - grad}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 _PEAKS: dict[str, float] = {}
@@ -233,6 +339,7 @@ def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=cfg.data.workers, persistent_workers=cfg.data.workers > 0)
     memory = PeakMemory()
+    clock = PartClock(net)
     batches = iter(loader)
     records, held = [], 0
     for step in range(warmup + steps):
@@ -242,6 +349,7 @@ def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
             ds_comm.comms_logger.comms_dict.clear()
             ds_comm.configure(enabled=True, prof_all=True, verbose=False)
         rec = dict.fromkeys(("data", "forward", "backward", "optimizer"), 0.0)
+        rec.update({f"part_{k}": 0.0 for k in PARTS})
         rec.update(samples=0, tokens=0, flops=0, seq_len=0, side=0)
         _sync()
         start_time = time.perf_counter()
@@ -256,6 +364,8 @@ def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
             _sync()
             tock = time.perf_counter()
             rec["data"] += tock - tick
+            forward_start = tock
+            clock.reset()
             loss = encoder_loss(session, batch) if encoder_only else session.loss(batch)  # shard, copy, forward
             _sync()
             tick = time.perf_counter()
@@ -264,13 +374,17 @@ def measure(cfg: Config, warmup: int, steps: int, encoder_only: bool) -> dict:
             _sync()
             tock = time.perf_counter()
             rec["backward"] += tock - tick
+            for part, seconds in clock.split(forward_start, forward_end=tick, backward_end=tock).items():
+                rec[f"part_{part}"] += seconds
             engine.step()
             _sync()
             rec["optimizer"] += time.perf_counter() - tock
+        rec["part_data"], rec["part_optimizer"] = rec["data"], rec["optimizer"]
         rec["total"] = time.perf_counter() - start_time
         if step >= warmup:
             records.append(rec)
     ds_comm.configure(enabled=False)
+    clock.remove()
     comm_ms = sum(sum(entry[1]) for sizes in ds_comm.comms_logger.comms_dict.values() for entry in sizes.values())
     encoder = model.encoder
     return {
@@ -288,7 +402,7 @@ def encoder_loss(session, batch: dict):
     from hrvit.engine.segment import local_batch
 
     batch = local_batch(session, batch)
-    out = session.engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"], batch.get("key_valid"))
+    out = session.engine(batch["pixels"], batch["boxes"], batch["valid"], batch["scale"], batch.get("key_valid"))
     return out[-1].float().square().mean()
 
 
@@ -338,6 +452,8 @@ def summarize(cfg: Config, per_rank: list[dict], warmup: int, encoder_only: bool
         "share_optimizer": share("optimizer"),
         "share_comm": round(sum(r["comm_s"] for r in per_rank) / rank_time, 4),
         "comm_s_per_step": round(sum(r["comm_s"] for r in per_rank) / world / n, 5),
+        **{f"part_{k}_s": round(sum(rec[f"part_{k}"] for r in per_rank for rec in r["records"]) / world / n, 5)
+           for k in PARTS},
     }
 
 
@@ -523,6 +639,18 @@ def print_table(rows: list[dict], axes: list[str], console) -> None:
                       f"{row['tokens_per_s_per_device']:,.0f}", f"{row['tflops_per_s_per_device']:.4f}",
                       f"{100 * row['mfu']:.1f}%", f"{row['peak_mem_mib']:,.0f}", shares)
     console.print(table)
+    ok = [row for row in rows if row["status"] == "ok"]
+    if not ok:
+        return
+    parts = Table(title="time per step by part (s; mean over steps and ranks; * = the largest part)")
+    for name in [*axes, *PARTS]:
+        parts.add_column(name, justify="left" if name in axes else "right")
+    for row in ok:
+        seconds = [row.get(f"part_{k}_s", 0.0) for k in PARTS]
+        top = max(range(len(PARTS)), key=lambda i: seconds[i])
+        parts.add_row(*[str(row["axes"].get(a, "")) for a in axes],
+                      *[f"{v:.3f}{'*' if i == top else ''}" for i, v in enumerate(seconds)])
+    console.print(parts)
 
 
 def compare(rows: list[dict], axis: str, a, b, console) -> dict:
@@ -530,10 +658,12 @@ def compare(rows: list[dict], axis: str, a, b, console) -> dict:
     from rich.table import Table
 
     groups: dict[str, dict] = {}
+    by_row: dict[str, dict] = {}
     for row in rows:
         if row["status"] == "ok" and row["axes"].get(axis) in (a, b):
             rest = point_label({k: v for k, v in row["axes"].items() if k != axis})
             groups.setdefault(rest, {})[row["axes"][axis]] = row["step_time_median_s"]
+            by_row.setdefault(rest, {})[row["axes"][axis]] = row
     pairs = {k: v for k, v in groups.items() if a in v and b in v}
     table = Table(title=f"speed-up of {axis}={b} over {axis}={a} (median step time {a} / {b})")
     for name in ("setting", f"{a} step s", f"{b} step s", "speed-up"):
@@ -545,7 +675,23 @@ def compare(rows: list[dict], axis: str, a, b, console) -> dict:
     if geomean is not None:
         table.add_row("[bold]geometric mean[/]", "", "", f"[bold]{geomean:.2f}x[/]")
     console.print(table)
-    return {"axis": axis, "a": a, "b": b, "speedups": speedups, "geomean": geomean}
+    part_speedups = {}  # per setting: seconds of each part under a and b, and a / b
+    for k in pairs:
+        ra, rb = by_row[k][a], by_row[k][b]
+        part_speedups[k] = {part: {"a_s": ra.get(f"part_{part}_s"), "b_s": rb.get(f"part_{part}_s"),
+                                   "speedup": (ra[f"part_{part}_s"] / rb[f"part_{part}_s"]
+                                               if ra.get(f"part_{part}_s") and rb.get(f"part_{part}_s") else None)}
+                            for part in PARTS}
+    if part_speedups:
+        parts = Table(title=f"per part: seconds per step with {axis}={a} -> {b} (speed-up)")
+        parts.add_column("setting")
+        for part in PARTS:
+            parts.add_column(part, justify="right")
+        for k, v in part_speedups.items():
+            parts.add_row(k, *[f"{v[p]['a_s']:.3f}->{v[p]['b_s']:.3f}" + (f" ({v[p]['speedup']:.2f}x)"
+                                                                        if v[p]["speedup"] else "") for p in PARTS])
+        console.print(parts)
+    return {"axis": axis, "a": a, "b": b, "speedups": speedups, "geomean": geomean, "parts": part_speedups}
 
 
 def plot(rows: list[dict], out: Path) -> list[Path]:
@@ -607,6 +753,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="axes (AXIS in --sweep, --compare and overrides):\n"
                "  resolution   synthetic slide side in pixels; whole slides (data.window=null), cached under "
                "data/profile_cache/\n"
+               "  volume       synthetic 4-channel BraTS-layout gzip NIfTI case, ZxYxX (e.g. 197x233x189) or one side;"
+               " whole volume, cached under data/profile_cache/ (use the 3-D recipe)\n"
                + "".join(f"  {k:<12} {v}\n" for k, v in ALIASES.items())
                + "  precision    fp32, bf16 or fp16 (through deepspeed.overrides)\n"
                "  ranks        processes per configuration (driver mode only)\n"
@@ -711,6 +859,8 @@ def sweep(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
         for size in sorted({p["resolution"] for p in points if "resolution" in p}, key=str):
             console.log(f"synthetic slides {size}^2: {synthetic_manifest(size)}")
+        for shape in sorted({p["volume"] for p in points if "volume" in p}, key=str):
+            console.log(f"synthetic volume {shape}: {synthetic_volume_root(shape)}")
     if launched:
         from hrvit.parallel import comm
 

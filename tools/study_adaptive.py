@@ -71,7 +71,7 @@ def run(manifest: Path, mode: str, tokens: int, budget: float, seed: int) -> dic
         for group in opt.param_groups:
             group["lr"] = cfg.train.lr * max(scale, 0.02)
         batch = next(batches)
-        logits = model(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"])
+        logits = model(batch["pixels"], batch["boxes"], batch["valid"], batch["scale"])
         valid = batch["valid"]
         loss = segmentation_loss(logits[valid], batch["target"][valid], cfg.train.dice_weight, cfg.train.ce_weight)
         opt.zero_grad(set_to_none=True)

@@ -61,7 +61,8 @@ def check_case(cfg: Config, spec: CaseSpec, min_tissue: float,
     if missing:
         return [f"file not found: {', '.join(missing)}"], None, None
     try:
-        case = open_case(spec, num_classes=cfg.data.num_classes)
+        spec.nonfinite = cfg.data.nonfinite  # check_finite below: data.nonfinite=zero accepts NaN/Inf voxels
+        case = open_case(spec, num_classes=cfg.data.num_classes, nonfinite="zero")  # NaN/Inf: check_finite's row
     except DataError as err:
         return [str(err)], None, None
     problems = []
@@ -93,6 +94,8 @@ def check_data(cfg: Config, min_tissue: float = 0.01) -> tuple[list[dict], int]:
     specs = discover(cfg.data.layout, root=cfg.data.root, manifest=cfg.data.manifest,
                      val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
                      allow_outside_root=cfg.data.allow_outside_root, require_files=False)
+    for spec in specs:
+        spec.mpp = cfg.data.mpp
     rows, kinds, shapes = [], {}, []
     cache = FileCache()
     try:

@@ -42,6 +42,8 @@ class CaseSpec:
     split: str  # "train" | "val" | "test"
     label_map: dict[int, int] | None = None  # raw stored value -> class, applied on reading
     target: int | None = None  # image-level class (task: classify), from a manifest's 'target' column
+    nonfinite: str = "error"  # NaN/Inf voxels: "error" (refused by preflight.check_finite) or "zero" (read as 0)
+    mpp: float | None = None  # working resolution (data.mpp) in microns per pixel; None = level-0 pixels
 
 
 @dataclass
@@ -49,6 +51,25 @@ class Case:
     spec: CaseSpec
     image: Source
     label: LabelSource | None
+    scale: float = 1.0  # level-0 pixels per working pixel (physical_scale); boxes stay in level-0 pixels
+
+
+def physical_scale(image: Source, mpp: float | None) -> float:
+    """Level-0 pixels per working pixel for data.mpp = `mpp` (1.0 without it). DataError when the image is not a
+    2-D slide, has no resolution tags, or is coarser than `mpp`."""
+    if mpp is None:
+        return 1.0
+    own = getattr(image, "mpp", None)
+    if image.ndim != 2:
+        raise DataError(f"{image.path}: data.mpp sets the resolution of 2-D slides; this is a {image.ndim}-D image")
+    if not own or not hasattr(image, "read_level"):
+        raise DataError(f"{image.path}: data.mpp={mpp:g} needs the slide's resolution, but the file has no "
+                        "resolution tags (openslide.mpp-x or TIFF XResolution in centimetres or inches); add them "
+                        "or leave data.mpp unset")
+    if own > mpp * 1.01:
+        raise DataError(f"{image.path}: scanned at {own:g} microns per pixel, coarser than data.mpp={mpp:g}; hrvit "
+                        f"does not upsample slides: set data.mpp to {own:g} or more")
+    return max(1.0, mpp / own)
 
 
 def assign_splits(ids: list[str], val_fraction: float, seed: int) -> dict[str, str]:
@@ -76,7 +97,9 @@ def _missing(specs: list[CaseSpec], where: Path) -> None:
 
 def _read_manifest(manifest: Path) -> list[dict]:
     if not manifest.is_file():
-        raise DataError(f"{manifest}: manifest not found")
+        from hrvit.config import where_looked
+
+        raise DataError(f"{manifest}: manifest not found{where_looked(manifest)}")
     try:
         if suffix(manifest) == ".json":
             rows = json.loads(manifest.read_text(encoding="utf-8-sig"))
@@ -198,7 +221,9 @@ def discover(
             raise ConfigError(f"data.root: the {layout} layout needs a root folder")
         where = Path(root)
         if not where.is_dir():
-            raise DataError(f"{where}: dataset folder not found")
+            from hrvit.config import where_looked
+
+            raise DataError(f"{where}: dataset folder not found{where_looked(where)}")
         specs = (_from_paip if layout == "paip" else _from_brats)(where, val_fraction, seed)
     if not specs:
         expected = {
@@ -223,13 +248,16 @@ def _level_hint(image, shape) -> str:
             "label masks must be at level-0 resolution")
 
 
-def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[int, int] | None = None) -> Case:
+def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[int, int] | None = None,
+              cache_gb: float = 0, nonfinite: str | None = None) -> Case:
     """Open image and label and check they share one grid; labels are read through label_map
-    (argument, else spec.label_map) and checked against num_classes on every read."""
-    image = open_image(spec.image)
+    (argument, else spec.label_map) and checked against num_classes on every read. NIfTI volumes are decoded
+    into this process's cache of `cache_gb` GB (data.cache_gb; 0 = read through the file every time); NaN/Inf
+    voxels are handled as `nonfinite` says (else spec.nonfinite)."""
+    image = open_image(spec.image, cache=cache_gb, nonfinite=nonfinite or spec.nonfinite)
     label = None
     if spec.label is not None:
-        label = open_label(spec.label)
+        label = open_label(spec.label, cache=cache_gb)
         lmap = label_map if label_map is not None else spec.label_map
         label.label_map = None if lmap is None else {int(k): int(v) for k, v in lmap.items()}
         label.num_classes = num_classes
@@ -239,9 +267,12 @@ def open_case(spec: CaseSpec, num_classes: int | None = None, label_map: dict[in
                 f"{tuple(image.shape)} of {spec.image[0]}{_level_hint(image, label.shape)}"
             )
         affine = getattr(image, "affine", None)
-        if affine is not None and not np.allclose(getattr(label, "affine", affine), affine, atol=1e-3):
-            raise DataError(f"{spec.label}: label affine does not match the affine of {spec.image[0]}")
-    return Case(spec, image, label)
+        label_affine = getattr(label, "affine", affine)
+        if affine is not None and not np.allclose(label_affine, affine, atol=1e-3):
+            raise DataError(f"{spec.label}: label affine does not match the affine of {spec.image[0]} (largest "
+                            f"difference {float(np.abs(label_affine - affine).max()):.4g}); expected the label "
+                            "on the image's voxel grid")
+    return Case(spec, image, label, physical_scale(image, spec.mpp))
 
 
 def check_label_given(spec: CaseSpec, eval_split: str) -> None:
@@ -283,8 +314,10 @@ def check_labels(case: Case, num_classes: int) -> None:
 
 
 def check_min_size(case: Case, patch_size: int | tuple[int, ...]) -> None:
-    """DataError if the image is smaller than one patch in any spatial dimension."""
+    """DataError if the image is smaller than one patch in any spatial dimension (a volume: in every dimension; a
+    thin scan is one patch thick, padded, as hrvit.patching.uniform.check_extent says)."""
     shape = tuple(case.image.shape)
     ps = (patch_size,) * len(shape) if isinstance(patch_size, int) else tuple(patch_size)
-    if any(d < p for d, p in zip(shape, ps)):
+    small = [d < p for d, p in zip(shape, ps)]
+    if all(small) if len(shape) == 3 else any(small):
         raise DataError(f"{case.spec.image[0]}: image shape {shape} is smaller than the patch size {ps}")

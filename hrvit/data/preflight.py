@@ -1,5 +1,7 @@
 """Pre-flight checks of a dataset's image files, run before a run builds or writes anything.
 
+- Empty volumes: a NIfTI image file whose voxels are all 0 (a failed export) is refused; integer files are
+  read only until their first nonzero voxel.
 - Non-finite pixels/voxels (NaN, +-Inf): every image file is scanned, streamed (raw byte chunks for
   uncompressed data, one decoded tile/strip at a time for compressed TIFF, gzip slabs for NIfTI), so a
   gigapixel image never sits in memory. Integer files (uint8 slides, uint16 volumes) cannot hold NaN
@@ -105,32 +107,56 @@ def _count(values: np.ndarray) -> int:
     return int(values.size - np.count_nonzero(np.isfinite(values)))
 
 
-def _count_stream(f, dtype: np.dtype, nbytes: int) -> int:
-    """Non-finite values among the next `nbytes` bytes of `f` read as `dtype`, CHUNK_BYTES at a time."""
-    step = max(dtype.itemsize, CHUNK_BYTES // dtype.itemsize * dtype.itemsize)
-    bad = 0
+def _chunks_of(f, dtype: np.dtype, nbytes: int, chunk: int = CHUNK_BYTES):
+    """The next `nbytes` bytes of `f` as arrays of `dtype`, `chunk` bytes at a time."""
+    step = max(dtype.itemsize, chunk // dtype.itemsize * dtype.itemsize)
     while nbytes > 0:
         data = f.read(min(step, nbytes))
         if not data:
             raise EOFError(f"file ends {nbytes} bytes before its image data does")
         usable = len(data) // dtype.itemsize * dtype.itemsize
-        bad += _count(np.frombuffer(data[:usable], dtype))
+        yield np.frombuffer(data[:usable], dtype)
         nbytes -= len(data)
-    return bad
+
+
+def _count_stream(f, dtype: np.dtype, nbytes: int) -> int:
+    """Non-finite values among the next `nbytes` bytes of `f` read as `dtype`, CHUNK_BYTES at a time."""
+    return sum(_count(v) for v in _chunks_of(f, dtype, nbytes))
+
+
+def _scan_nifti(path: Path, full: bool) -> dict:
+    """{"nonfinite": count, "empty": whether every voxel is 0} of a NIfTI file, streamed. Integer data cannot hold
+    NaN: with full=False it is read only until its first nonzero voxel (and "nonfinite" is 0)."""
+    import nibabel as nib
+
+    img = nib.load(path)
+    header = img.header
+    dtype = header.get_data_dtype()
+    is_float = dtype.kind in "fc"
+    nbytes = math.prod(int(d) for d in header.get_data_shape()) * dtype.itemsize
+    # where the voxels start as nibabel reads them: a header's vox_offset of 0 means 352 in a .nii file (reading from
+    # 0 took the header's bytes for voxels and missed the last 88 float32 voxels)
+    offset = int(getattr(img.dataobj, "offset", header.get_data_offset()))
+    bad, nonzero = 0, False
+    opener = gzip.open if suffix(path) == ".nii.gz" else open
+    with opener(path, "rb") as f:
+        f.seek(offset)  # gzip: decompresses the (small) header part
+        # integer data stops at its first nonzero voxel, usually in the first slices: small steps read little
+        for values in _chunks_of(f, dtype, nbytes, CHUNK_BYTES if is_float or full else 1 << 20):
+            nonzero = nonzero or bool(np.any(values != 0))  # NaN counts as nonzero: it is reported as NaN
+            if is_float:
+                bad += _count(values)
+            elif nonzero and not full:
+                break
+    return {"nonfinite": bad, "empty": not nonzero}
 
 
 def _nonfinite_nifti(path: Path) -> int:
     import nibabel as nib
 
-    header = nib.load(path).header
-    dtype = header.get_data_dtype()
-    if dtype.kind not in "fc":
+    if nib.load(path).header.get_data_dtype().kind not in "fc":
         return 0
-    nbytes = math.prod(int(d) for d in header.get_data_shape()) * dtype.itemsize
-    opener = gzip.open if suffix(path) == ".nii.gz" else open
-    with opener(path, "rb") as f:
-        f.seek(int(header.get_data_offset()))  # gzip: decompresses the (small) header part
-        return _count_stream(f, dtype, nbytes)
+    return _scan_nifti(path, full=True)["nonfinite"]
 
 
 def _nonfinite_tiff(path: Path) -> int:
@@ -189,14 +215,46 @@ def count_nonfinite(path, cache: FileCache | None = None) -> int:
     return bad
 
 
-def check_finite(spec, cache: FileCache | None = None) -> None:
-    """DataError naming the first image file of a case (the very channel's file) that holds NaN or Inf."""
+def empty_volume(path, cache: FileCache | None = None) -> bool:
+    """Whether a NIfTI image file holds only zeros (False for other formats); read until its first nonzero voxel
+    (integer data) or whole (float data, which also caches its non-finite count). Cached like count_nonfinite."""
+    path = Path(path)
+    if suffix(path) not in NIFTI_SUFFIXES:
+        return False
+    cached = cache.get(path, "empty") if cache is not None else None
+    if cached is not None:
+        return bool(cached)
+    try:
+        import nibabel as nib
+
+        facts = _scan_nifti(path, full=nib.load(path).header.get_data_dtype().kind in "fc")
+    except Exception as e:  # nibabel/gzip raise many types for corrupt data
+        raise DataError(f"{path}: cannot read its voxels to check them ({type(e).__name__}: {e})") from None
+    if cache is not None:
+        cache.put(path, "empty", facts["empty"])
+        if facts["nonfinite"]:
+            cache.put(path, "nonfinite", facts["nonfinite"])
+    return facts["empty"]
+
+
+def check_finite(spec, cache: FileCache | None = None, nonfinite: str | None = None) -> int:
+    """DataError naming the first image file of a case (the very channel's file) that holds NaN or Inf, unless
+    `nonfinite` (else spec.nonfinite, data.nonfinite) is "zero": then returns how many voxels will read as 0.
+    DataError too for a NIfTI image file that is all zeros (an empty volume: a failed export)."""
+    policy = nonfinite or getattr(spec, "nonfinite", "error")
+    total = 0
     for path in spec.image:
         bad = count_nonfinite(path, cache)
-        if bad:
+        if bad and policy != "zero":
             raise DataError(
                 f"{path}: {bad} non-finite value(s) (NaN or Inf) in the image of case {spec.id}; every loss on "
-                "them is NaN; replace them with finite values (e.g. numpy.nan_to_num) or remove the case")
+                "them is NaN; replace them with finite values (e.g. numpy.nan_to_num) or remove the case, or set "
+                "data.nonfinite=zero to read them as 0")
+        total += bad
+        if empty_volume(path, cache):
+            raise DataError(f"{path}: every voxel is 0 (an empty volume) in the image of case {spec.id}; expected "
+                            "an image: export it again or remove the case")
+    return total
 
 
 # ------------------------------------------------------------------ the same image in two splits

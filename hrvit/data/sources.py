@@ -16,6 +16,7 @@ File handles are opened lazily and dropped when pickled, so sources travel to Da
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import threading
@@ -100,7 +101,10 @@ def _check_gz(img, path: Path) -> None:
     when it disagrees (truncated, or a multi-member gzip) is the file decompressed once to tell."""
     if suffix(path) != ".nii.gz":
         return
-    expected = int(img.header.get_data_offset()) + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
+    # the voxels' offset as nibabel reads them (a loaded header's vox_offset reads 0: taking it made every check
+    # disagree and decompress the whole file)
+    offset = int(getattr(img.dataobj, "offset", img.header.get_data_offset()))
+    expected = offset + int(np.prod(img.shape)) * img.get_data_dtype().itemsize
     with open(path, "rb") as f:
         f.seek(-4, os.SEEK_END)
         if int.from_bytes(f.read(4), "little") == expected % 2**32:
@@ -302,18 +306,118 @@ class SlideSource(Source):
         return np.asarray(rgba)[..., :3].transpose(2, 0, 1) * np.float32(1 / 255)
 
 
+NONFINITE = ("error", "zero")
+"""What a volume read does with NaN/Inf voxels: raise DataError naming the file and the count, or read them as 0."""
+
+
+class DecodedVolumes:
+    """This process's decoded NIfTI arrays (image channels and labels), least recently used evicted beyond a
+    budget in bytes. A .nii.gz cannot seek: without it every window read decompresses each file from its start up
+    to the window (0.3-0.5 s for a BraTS case). Arrays are kept in the file's own dtype, in (z, y, x) order (int16
+    for BraTS: 71 MB per 4-channel case, half of float32, so twice the cases fit). Keys carry the file's size and
+    mtime, so a rewritten file is decoded again.
+    Each process (every DataLoader worker) holds its own."""
+
+    def __init__(self, budget: float = 0):
+        self.budget = budget
+        self.nbytes = 0
+        self.hits = self.misses = 0
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def resize(self, budget: float) -> None:
+        """Set the budget (bytes; 0 = off) and evict down to it."""
+        with self._lock:
+            self.budget = budget
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._items and self.nbytes > self.budget:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def clear(self) -> None:
+        """Drop every array and zero the counts."""
+        with self._lock:
+            self._items.clear()
+            self.nbytes = self.hits = self.misses = 0
+
+    def get(self, path: Path, part, load) -> np.ndarray:
+        """The decoded array `part` of `path`, from memory or from `load()` (kept if it fits the budget)."""
+        st = os.stat(path)
+        key = (_resolved(str(path)), st.st_size, st.st_mtime_ns, part)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+        array = load()
+        with self._lock:
+            self.misses += 1
+            if 0 < array.nbytes <= self.budget and key not in self._items:
+                array.flags.writeable = False  # shared by every reader of the file: views only
+                self._items[key] = array
+                self.nbytes += array.nbytes
+                self._evict()
+        return array
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _resolved(path: str) -> str:
+    """The absolute path a cache key names (resolving costs ~0.3 ms, every read would pay it)."""
+    return str(Path(path).resolve())
+
+
+VOLUME_CACHE = DecodedVolumes()
+"""The process's cache of decoded volumes; its budget is the last one a source was opened with (data.cache_gb)."""
+
+
+def use_volume_cache(cache: bool | float) -> bool:
+    """Apply a source's `cache` argument to VOLUME_CACHE; returns whether the source uses it. A positive number is
+    the budget in GB (the process's budget becomes it); True keeps the current budget (unbounded if none was set);
+    False, None or 0: this source reads through its file and leaves the cache as it is."""
+    if not cache:
+        return False
+    if cache is True:
+        if VOLUME_CACHE.budget <= 0:
+            VOLUME_CACHE.resize(float("inf"))
+        return True
+    budget = float(cache) * 2**30
+    if budget != VOLUME_CACHE.budget:
+        VOLUME_CACHE.resize(budget)
+    return True
+
+
+def _nonfinite_error(path: Path, where: str) -> DataError:
+    """The message for NaN/Inf voxels met on reading, with the whole file's count (preflight's streamed scan)."""
+    from hrvit.data.preflight import count_nonfinite
+
+    return DataError(f"{path}: {count_nonfinite(path)} non-finite voxel(s) (NaN or Inf){where}; expected finite "
+                     "values: replace them (e.g. numpy.nan_to_num), or set data.nonfinite=zero to read them as 0")
+
+
+def _decoded(img, tail: tuple = ()) -> np.ndarray:
+    """One whole channel of a NIfTI data array in hrvit's (z, y, x) order, C-contiguous (a window is then a few
+    contiguous runs), in the file's dtype when it has no scaling (else float32)."""
+    data = np.asanyarray(img.dataobj[(slice(None),) * 3 + tail])
+    return np.ascontiguousarray(data.transpose(2, 1, 0), np.float32 if data.dtype == np.float64 else data.dtype)
+
+
 class VolumeSource(Source):
     """NIfTI volume(s) through nibabel proxies: one file per channel, or one 4-D file.
 
     Each channel is normalised as (x - mean) / std over its nonzero voxels (zeros, i.e. outside the
     skull-stripped head, stay 0); the stats come once, lazily, from a strided subsample, so a read
-    touches only its region. cache=True keeps decoded channels in memory (fast random crops from
-    .nii.gz, which otherwise decompresses from the file start on every read).
+    touches only its region. `cache` (GB, or True) reads each channel whole once into this process's
+    VOLUME_CACHE (fast random crops from .nii.gz, which otherwise decompresses from the file start on
+    every read). NaN/Inf voxels raise DataError (nonfinite="error") or read as 0 (nonfinite="zero").
     """
 
-    def __init__(self, paths, cache: bool = False):
+    def __init__(self, paths, cache: bool | float = False, nonfinite: str = "error"):
         self.paths = [_exists(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self.path = self.paths[0]
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite: {nonfinite!r} is not one of {NONFINITE}")
         imgs = [_load_nifti(p) for p in self.paths]
         shapes = [tuple(im.shape) for im in imgs]
         if len(imgs) == 1 and len(shapes[0]) == 4:
@@ -324,14 +428,18 @@ class VolumeSource(Source):
                     raise DataError(f"{p}: expected a 3-D volume (one channel per file), got shape {s}")
             self.channels = len(imgs)
         for p, s, im in zip(self.paths[1:], shapes[1:], imgs[1:]):
-            if s[:3] != shapes[0][:3] or not np.allclose(im.affine, imgs[0].affine, atol=1e-3):
-                raise DataError(
-                    f"{p}: shape {s[:3]} / affine does not match {self.path} (shape {shapes[0][:3]}); "
-                    "all channels of a case must share one grid"
-                )
+            if s[:3] != shapes[0][:3]:
+                raise DataError(f"{p}: shape {s[:3]} does not match the shape {shapes[0][:3]} of {self.path}; "
+                                "all channels of a case must share one grid")
+            if not np.allclose(im.affine, imgs[0].affine, atol=1e-3):
+                raise DataError(f"{p}: affine does not match the affine of {self.path} (largest difference "
+                                f"{float(np.abs(im.affine - imgs[0].affine).max()):.4g}); all channels of a case "
+                                "must share one grid")
         self.shape = tuple(int(d) for d in reversed(shapes[0][:3]))
         self.affine = np.asarray(imgs[0].affine, np.float64)
-        self.cache = cache
+        self.cache = use_volume_cache(cache)
+        self.nonfinite = nonfinite
+        self._float = [im.get_data_dtype().kind in "fc" for im in imgs]  # integer files hold no NaN
         self._stats = None
         self._h = imgs
 
@@ -343,20 +451,37 @@ class VolumeSource(Source):
             self._h = [nib.load(p) for p in self.paths]
         return self._h
 
-    def _raw(self, c: int, index) -> np.ndarray:
-        """Channel c of nibabel data[index] (index in nibabel (i, j, k) order) as float32."""
+    def _finite(self, v: np.ndarray, path: Path, where: str) -> np.ndarray:
+        """v with NaN/Inf handled as self.nonfinite says (float data only)."""
+        if v.dtype.kind != "f" or np.isfinite(v).all():
+            return v
+        if self.nonfinite == "error":
+            raise _nonfinite_error(path, where)
+        return np.where(np.isfinite(v), v, 0).astype(v.dtype)
+
+    def _channel(self, c: int):
+        """(nibabel image, index tail, file number) of channel c."""
         imgs = self._imgs
         if len(imgs) == 1 and self.channels > 1:
-            img, tail = imgs[0], (c,)
-        else:
-            img, tail = imgs[c], (0,) if len(imgs[c].shape) == 4 else ()
+            return imgs[0], (c,), 0
+        return imgs[c], (0,) if len(imgs[c].shape) == 4 else (), c
+
+    def _whole(self, c: int) -> np.ndarray:
+        """Channel c decoded whole, (z, y, x), from VOLUME_CACHE (decoded on a miss). Float files are keyed with
+        the NaN/Inf option too, so an 'error' reader never gets another reader's zeroed copy."""
+        img, tail, f = self._channel(c)
+        path = self.paths[f]
+        part = (*tail, self.nonfinite) if self._float[f] else tail
+        return VOLUME_CACHE.get(path, part, lambda: self._finite(_decoded(img, tail), path, ""))
+
+    def _raw(self, c: int, index) -> np.ndarray:
+        """Channel c of nibabel data[index] (index in nibabel (i, j, k) order) as float32."""
+        img, tail, f = self._channel(c)
         try:
             if not self.cache:
-                return np.asarray(img.dataobj[(*index, *tail)], np.float32)
-            store = self.__dict__.setdefault("_hcache", {})
-            if c not in store:
-                store[c] = np.asarray(img.dataobj[(slice(None),) * 3 + tail], np.float32)
-            return store[c][index]
+                v = np.asarray(img.dataobj[(*index, *tail)], np.float32)
+                return self._finite(v, self.paths[f], "") if self._float[f] else v
+            return np.asarray(self._whole(c)[index[::-1]], np.float32).transpose(2, 1, 0)  # (z, y, x) in memory
         except _NIFTI_ERRORS as e:
             raise DataError(f"{img.get_filename()}: cannot read NIfTI data, truncated or corrupt? ({e})") from None
 
@@ -373,14 +498,38 @@ class VolumeSource(Source):
             self._stats = np.array(rows, np.float32)
         return self._stats
 
+    def read(self, start, size) -> np.ndarray:
+        """float32 [C, *size]; 0 outside the image (a region inside it is normalised straight into the output)."""
+        start, size = _region(self.shape, start, size)
+        if all(s >= 0 and s + n <= d for s, n, d in zip(start, size, self.shape)) and min(size) > 0:
+            return self._read_inside(start, tuple(s + n for s, n in zip(start, size)))
+        return super().read(start, size)
+
     def _read_inside(self, lo, hi):
         stats = self.stats()
         index = tuple(slice(a, b) for a, b in zip(reversed(lo), reversed(hi)))
         out = np.empty((self.channels, *(b - a for a, b in zip(lo, hi))), np.float32)
         for c in range(self.channels):
-            v = self._raw(c, index).transpose(2, 1, 0)
-            out[c] = np.where(v != 0, (v - stats[c, 0]) / stats[c, 1], 0)
+            v = self._window(c, lo, hi)
+            o = out[c]
+            if v is None:  # read through the file
+                v = self._raw(c, index).transpose(2, 1, 0)
+            np.subtract(v, stats[c, 0], out=o, dtype=np.float32)
+            np.divide(o, stats[c, 1], out=o)
+            np.multiply(o, v != 0, out=o)  # zeros (outside the head) stay 0; v is finite here
+            o += 0.0  # -0.0 -> 0.0: bit for bit the values np.where gave
         return out
+
+    def _window(self, c: int, lo, hi) -> np.ndarray | None:
+        """Channel c's (z, y, x) region [lo, hi) as stored (a view of the decoded array), or None without cache."""
+        if not self.cache:
+            return None
+        try:
+            whole = self._whole(c)
+        except _NIFTI_ERRORS as e:
+            raise DataError(f"{self.paths[self._channel(c)[2]]}: cannot read NIfTI data, truncated or corrupt? "
+                            f"({e})") from None
+        return whole[tuple(slice(a, b) for a, b in zip(lo, hi))]
 
 
 def _load_picture(path: Path) -> np.ndarray:
@@ -870,10 +1019,12 @@ class TiffLabel(_TiffTiles, LabelSource):
 
 
 class NiftiLabel(LabelSource):
-    """3-D NIfTI label through a nibabel proxy, same axis convention as VolumeSource."""
+    """3-D NIfTI label through a nibabel proxy, same axis convention as VolumeSource; `cache` (GB, or True) reads it
+    whole once into VOLUME_CACHE, as VolumeSource does."""
 
-    def __init__(self, path):
+    def __init__(self, path, cache: bool | float = False):
         self.path = _exists(path)
+        self.cache = use_volume_cache(cache)
         img = _load_nifti(self.path)
         s = img.shape
         if not (len(s) == 3 or (len(s) == 4 and s[3] == 1)):
@@ -885,15 +1036,41 @@ class NiftiLabel(LabelSource):
     def _chunks(self, size: int = 8192):
         return super()._chunks(size)  # big slabs: each read of a .nii.gz decompresses from the start
 
+    def classes(self, raw: np.ndarray) -> np.ndarray:
+        """As LabelSource.classes, through a lookup table for integer data of a small range (a training window's
+        label in a fraction of the time); anything out of place goes the checked way, for its message."""
+        if raw.dtype.kind not in "ui" or not raw.size:
+            return super().classes(raw)
+        low, high = int(raw.min()), int(raw.max())
+        if high - low >= 1 << 16:
+            return super().classes(raw)
+        values = np.arange(low, high + 1)
+        lut = values if self.label_map is None else np.array([self.label_map.get(v, -1) for v in values.tolist()])
+        wrong = (lut == -1) if self.label_map is not None else np.zeros(len(lut), bool)
+        if self.num_classes is not None:
+            wrong |= (lut < 0) | (lut >= self.num_classes)
+        if any((raw == low + i).any() for i in np.flatnonzero(wrong)):  # only values in the range that are wrong
+            return super().classes(raw)
+        return np.take(lut.astype(np.int64), raw - low if low else raw)
+
+    def read(self, start, size) -> np.ndarray:
+        start, size = _region(self.shape, start, size)
+        if all(s >= 0 and s + n <= d for s, n, d in zip(start, size, self.shape)) and min(size) > 0:
+            return self.classes(self._read_inside(start, tuple(s + n for s, n in zip(start, size))))
+        return super().read(start, size)
+
     def _read_inside(self, lo, hi):
         import nibabel as nib
 
         if getattr(self, "_h", None) is None:
             self._h = nib.load(self.path)
         img = self._h
-        index = tuple(slice(a, b) for a, b in zip(reversed(lo), reversed(hi))) + ((0,) if len(img.shape) == 4 else ())
+        tail = (0,) if len(img.shape) == 4 else ()
+        index = tuple(slice(a, b) for a, b in zip(reversed(lo), reversed(hi)))
         try:
-            return np.asarray(img.dataobj[index]).transpose(2, 1, 0)
+            if getattr(self, "cache", False):
+                return VOLUME_CACHE.get(self.path, tail, lambda: _decoded(img, tail))[index[::-1]]
+            return np.asarray(img.dataobj[index + tail]).transpose(2, 1, 0)
         except _NIFTI_ERRORS as e:
             raise DataError(f"{self.path}: cannot read NIfTI data, truncated or corrupt? ({e})") from None
 
@@ -942,8 +1119,9 @@ def _slide(path: Path) -> SlideSource:
     return source
 
 
-def open_image(path_or_paths, cache: bool = False) -> Source:
+def open_image(path_or_paths, cache: bool | float = False, nonfinite: str = "error") -> Source:
     """Open an image by suffix: slides via openslide, .nii(.gz) (or one per channel) via nibabel, else arrays.
+    `cache` and `nonfinite` apply to NIfTI volumes (see VolumeSource).
 
     TIFF: 8-bit colour (RGB/YCbCr/palette) goes to OpenSlide when it recognises the file (tiled) and is read
     whole otherwise; every other TIFF (16-bit, float, greyscale, 2 or more channels) to TiffSource (tifffile,
@@ -951,15 +1129,15 @@ def open_image(path_or_paths, cache: bool = False) -> Source:
     if isinstance(path_or_paths, (list, tuple)):
         paths = [Path(p) for p in path_or_paths]
         if len(paths) == 1:
-            return open_image(paths[0], cache)
+            return open_image(paths[0], cache, nonfinite)
         if not paths or any(suffix(p) not in NIFTI_SUFFIXES for p in paths):
             names = ", ".join(map(str, paths))
             raise DataError(f"{names}: several files per image must all be NIfTI (one per channel)")
-        return VolumeSource(paths, cache=cache)
+        return VolumeSource(paths, cache=cache, nonfinite=nonfinite)
     path = _exists(path_or_paths)
     kind = suffix(path)
     if kind in NIFTI_SUFFIXES:
-        return VolumeSource([path], cache=cache)
+        return VolumeSource([path], cache=cache, nonfinite=nonfinite)
     if kind in SLIDE_SUFFIXES:
         return _slide(path)
     if kind in TIFF_SUFFIXES:
@@ -977,14 +1155,14 @@ def open_image(path_or_paths, cache: bool = False) -> Source:
     )
 
 
-def open_label(path) -> LabelSource:
-    """Open a label map by suffix: TIFF (read by tile), NIfTI (proxy), PNG or .npy."""
+def open_label(path, cache: bool | float = False) -> LabelSource:
+    """Open a label map by suffix: TIFF (read by tile), NIfTI (proxy; `cache` as for VolumeSource), PNG or .npy."""
     path = _exists(path)
     kind = suffix(path)
     if kind in TIFF_SUFFIXES:
         return TiffLabel(path)
     if kind in NIFTI_SUFFIXES:
-        return NiftiLabel(path)
+        return NiftiLabel(path, cache)
     if kind in (".png", ".npy", ".bmp"):
         return ArrayLabel(path)
     if kind in (".jpg", ".jpeg"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from hrvit.config import PatchingConfig
 from hrvit.data.datasets import Case, CaseSpec, open_case
 from hrvit.errors import DataError
 from hrvit.patching import PatchSequence, patch_adaptive, patch_pyramid, patch_uniform
+from hrvit.patching.halo import add_halo
 
 MAX_LABEL_SCAN = 64 * 1024 * 1024
 """Labels up to this many pixels are scanned once to centre windows on foreground."""
@@ -25,23 +27,57 @@ MAX_SUBSTITUTES = 10
 """With skip_bad, how many substitutes of one unreadable sample are tried before the run stops."""
 
 
-def window_shape(image_shape, window: int | None, patch_size: int) -> tuple[int, ...]:
-    """The window edge per axis: `window`, but never more than the image rounded up to p."""
-    rounded = [math.ceil(s / patch_size) * patch_size for s in image_shape]
+def token_scale(scale: float, patch_size: int) -> float:
+    """Case.scale rounded so that a token of p working pixels spans an even number of level-0 pixels: tree
+    nodes then halve exactly down to the smallest leaf (the physical scale is off by at most 1/(p x scale))."""
+    return 1.0 if scale == 1.0 else max(2, 2 * round(patch_size * scale / 2)) / patch_size
+
+
+def window_shape(image_shape, window: int | None, patch_size: int, scale: float = 1.0) -> tuple[int, ...]:
+    """The window edge per axis in level-0 pixels: `window` working pixels (token_scale level-0 pixels each),
+    but never more than the image rounded up to a whole token."""
+    s = token_scale(scale, patch_size)
+    edge = round(patch_size * s)
+    rounded = [math.ceil(n / edge) * edge for n in image_shape]
     if window is None:
         return tuple(rounded)
-    return tuple(min(window, r) for r in rounded)
+    return tuple(min(round(window * s), r) for r in rounded)
 
 
-def grid_starts(image_shape, window) -> list[tuple[int, ...]]:
-    """Window origins that cover the image; the last window on each axis is shifted inside it."""
+def working_patching(patching: PatchingConfig, scale: float) -> PatchingConfig:
+    """The patching of a case read at data.mpp, in level-0 pixels: leaf limits times the token scale, and
+    uniform tokens as a tree whose every leaf is one token (the pyramid reader then serves both modes)."""
+    s = token_scale(scale, patching.patch_size)
+    if s == 1.0:
+        return patching
+    edge = round(patching.patch_size * s)
+    if patching.mode == "uniform":
+        return replace(patching, mode="adaptive", tokens=None, threshold=-1.0, min_leaf=edge, max_leaf=edge)
+    lo, hi = patching.min_leaf or patching.patch_size, patching.max_leaf
+    return replace(patching, min_leaf=round(lo * s), max_leaf=None if hi is None else round(hi * s))
+
+
+def grid_starts(image_shape, window, overlap: float = 0.0) -> list[tuple[int, ...]]:
+    """Window origins that cover the image, in grid order (the first axis outermost), at a stride of
+    window x (1 - overlap) per axis (at least 1 px); the last window on each axis is shifted inside it."""
     axes = []
     for size, w in zip(image_shape, window):
-        starts = list(range(0, max(size - w, 0) + 1, w))
+        stride = max(1, int(w * (1.0 - overlap)))
+        starts = list(range(0, max(size - w, 0) + 1, stride))
         if starts[-1] + w < size:
             starts.append(size - w)
         axes.append(starts)
     return list(itertools.product(*axes))
+
+
+def voxel_spacing(source) -> tuple[float, ...] | None:
+    """Physical size of a voxel per axis in array order (z, y, x): the norms of the NIfTI affine's first three
+    columns (nibabel's i, j, k), reversed; None (isotropic) for sources without an affine or with a degenerate one."""
+    affine = getattr(source, "affine", None)
+    if affine is None:
+        return None
+    spacing = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)[::-1]
+    return tuple(float(v) for v in spacing) if np.isfinite(spacing).all() and (spacing > 0).all() else None
 
 
 def read_window(case: Case, start, shape, patching: PatchingConfig, with_label: bool = True,
@@ -53,9 +89,12 @@ def read_window(case: Case, start, shape, patching: PatchingConfig, with_label: 
     Adaptive: the tree covers the window's in-image part (a window may reach past the image);
     `image_shape` stays the window, as with uniform tokens, so depatch and stitching work alike.
     Slides are read pyramid-natively (the tree on a low-resolution level, each leaf from its own
-    level: faster than reading the window whole even at 1024^2), other images whole.
+    level: faster than reading the window whole even at 1024^2), other images whole. A volume's octree is
+    built per axis from its voxel spacing (voxel_spacing: 5 mm slices are not split like 0.9 mm pixels).
     """
     origin = tuple(int(s) for s in start)
+    scale = token_scale(case.scale, patching.patch_size)
+    patching = working_patching(patching, case.scale)
     if patching.mode == "adaptive":
         inside = tuple(max(0, min(w, n - s)) for s, w, n in zip(origin, shape, case.image.shape))
         label_source = case.label if with_label else None
@@ -65,26 +104,33 @@ def read_window(case: Case, start, shape, patching: PatchingConfig, with_label: 
             else:
                 image = torch.from_numpy(np.ascontiguousarray(case.image.read(origin, inside)))
                 label = None if label_source is None else torch.from_numpy(label_source.read(origin, inside))
-                seq = patch_adaptive(image, patching, label, rng, image_shape=shape)
+                seq = patch_adaptive(image, patching, label, rng, image_shape=shape, spacing=voxel_spacing(case.image))
         except DataError as err:
             raise DataError(f"{case.spec.image[0]}: {err}") from None
         seq.meta.update(case=case.spec.id, origin=origin, extent=inside)
-        return seq
+        if scale != 1.0:  # level and scale in working pixels, boxes in level-0 pixels
+            size = seq.boxes[:, len(origin):].amax(-1).clamp(min=1).double()
+            seq.level = torch.where(seq.valid, torch.log2(size / (patching.patch_size * scale)).round().long(), 0)
+            seq.scale = scale
+        return add_halo(seq, patching.halo)
     image = torch.from_numpy(np.ascontiguousarray(case.image.read(start, shape)))
     label = None
     if with_label and case.label is not None:
         label = torch.from_numpy(np.ascontiguousarray(case.label.read(start, shape)))
     seq = patch_uniform(image, patching.patch_size, label)
     seq.meta = {"case": case.spec.id, "origin": origin}
-    return seq
+    return add_halo(seq, patching.halo)
 
 
 class TrainWindows(torch.utils.data.Dataset):
     """Training sample k -> a random window of a random training case, deterministic in (seed, k)."""
 
     def __init__(self, specs: list[CaseSpec], *, window: int | None, patching: PatchingConfig, seed: int,
-                 foreground_bias: float, augment: bool, label_map: dict | None = None, skip_bad: bool = False):
+                 foreground_bias: float, augment: bool, label_map: dict | None = None, skip_bad: bool = False,
+                 cache_gb: float = 0, nonfinite: str = "error"):
         self.specs = specs
+        self.cache_gb = cache_gb  # per process: each DataLoader worker decodes into its own cache
+        self.nonfinite = nonfinite
         self.skip_bad = skip_bad
         self.window = window
         self.patching = patching
@@ -99,9 +145,10 @@ class TrainWindows(torch.utils.data.Dataset):
         return 2**62
 
     def _case(self, i: int) -> Case:
-        # Opened lazily so each DataLoader worker holds its own file handles.
+        # Opened lazily so each DataLoader worker holds its own file handles (and decoded-volume cache).
         if i not in self._cases:
-            self._cases[i] = open_case(self.specs[i], label_map=self.label_map)
+            self._cases[i] = open_case(self.specs[i], label_map=self.label_map, cache_gb=self.cache_gb,
+                                       nonfinite=self.nonfinite)
         return self._cases[i]
 
     def _foreground_points(self, i: int) -> np.ndarray | None:
@@ -149,7 +196,7 @@ class TrainWindows(torch.utils.data.Dataset):
     def _sample(self, i: int, rng: np.random.Generator) -> PatchSequence:
         case = self._case(i)
         shape = case.image.shape
-        win = window_shape(shape, self.window, self.patching.patch_size)
+        win = window_shape(shape, self.window, self.patching.patch_size, case.scale)
         high = [max(s - w, 0) for s, w in zip(shape, win)]
         points = self._foreground_points(i) if self.foreground_bias > 0 else None
         if points is not None and rng.random() < self.foreground_bias:

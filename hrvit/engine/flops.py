@@ -34,8 +34,10 @@ def encoder_forward_flops(seq_len: int, *, embed_dim: int, depth: int, mlp_hidde
 
 
 def decoder_forward_flops(*, ndim: int, patch_size: int, in_chans: int, embed_dim: int, num_classes: int,
-                          channels: Sequence[int], skip_res: Sequence[int]) -> int:
-    """Forward FLOPs of UNETRDecoder per token (it decodes every token on its own, so it is linear in L)."""
+                          channels: Sequence[int], skip_res: Sequence[int], fuse: str = "conv") -> int:
+    """Forward FLOPs of UNETRDecoder per token (it decodes every token on its own, so it is linear in L);
+    `fuse` is the decoder's fuse kind: "conv" (two 3^D convs per stage), "pointwise" (1^D then 3^D) or "add"
+    (one 3^D conv over the sum of the inputs; the sum itself is not counted)."""
     stages = int(math.log2(patch_size))
     width = [channels[min(s, len(channels) - 1)] for s in range(stages + 1)]
     k3, fine = 3**ndim, patch_size**ndim
@@ -45,7 +47,8 @@ def decoder_forward_flops(*, ndim: int, patch_size: int, in_chans: int, embed_di
         pixels = 2 ** (s * ndim)
         inputs = 1 + list(skip_res).count(2**s) + (s == stages)
         flops += 2 * pixels * width[s - 1] * width[s]  # transposed conv, kernel 2 stride 2
-        flops += 2 * pixels * (inputs + 1) * width[s] * width[s] * k3  # the two 3^D convs of the fuse stage
+        mix = {"conv": k3, "pointwise": 1, "add": 0}[fuse]  # the fuse stage's conv over the concatenation
+        flops += 2 * pixels * inputs * width[s] * width[s] * mix + 2 * pixels * width[s] * width[s] * k3
     flops += 2 * fine * in_chans * width[-1] * k3  # pixel stem
     flops += 2 * fine * width[-1] * num_classes  # 1x1 head
     return flops
@@ -64,7 +67,7 @@ def forward_flops(model: nn.Module, seq_len: int) -> int:
         flops += seq_len * decoder_forward_flops(
             ndim=decoder.ndim, patch_size=decoder.patch_size, in_chans=decoder.stem[0].in_channels,
             embed_dim=decoder.bottleneck.in_features, num_classes=decoder.head.out_channels,
-            channels=decoder.channels, skip_res=decoder.skip_res)
+            channels=decoder.channels, skip_res=decoder.skip_res, fuse=decoder.fuse_kind)
     return flops
 
 

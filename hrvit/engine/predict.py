@@ -2,7 +2,9 @@
 
 Slides get a tiled label pyramid written tile by tile from the tokens' labels (never a full-resolution array),
 with the slide's microns per pixel, so OpenSlide and QuPath open it over the slide; volumes a NIfTI file with
-the input's affine; other images a PNG. Every file is written under a temporary name and renamed."""
+the input's affine; other images a PNG. Every file is written under a temporary name and renamed. With
+eval.overlap > 0 the windows overlap and their probabilities are blended (hrvit/engine/infer.py blend_bands);
+`--probabilities` adds per-class probability maps (probability_files)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hrvit.config import Config, check_writable_dir
-from hrvit.data.datasets import BRATS_LABEL_MAP, Case, CaseSpec
+from hrvit.data.datasets import BRATS_LABEL_MAP, Case, CaseSpec, physical_scale
 from hrvit.data.sources import (
     NIFTI_SUFFIXES,
     PICTURE_SUFFIXES,
@@ -25,7 +27,7 @@ from hrvit.data.sources import (
     write_nifti,
 )
 from hrvit.data.tiff import write_label_pyramid
-from hrvit.engine.infer import LabelMap, picture_grid, picture_image, predict_labels
+from hrvit.engine.infer import DenseLabels, LabelMap, picture_grid, picture_image, predict_dense, predict_labels
 from hrvit.engine.picture import write_picture
 from hrvit.engine.trainer import load_weights
 from hrvit.errors import DataError
@@ -91,14 +93,17 @@ def expand_inputs(items: list[str]) -> list[list[Path]]:
     return unique
 
 
-def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path, ckpt: str | Path | None = None
-                  ) -> list[Path]:
+def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path, ckpt: str | Path | None = None,
+                  probabilities: bool = False) -> list[Path]:
     """Predict each input (one path, or one per channel) with the run's newest complete checkpoint, or `ckpt`
-    (a tag or folder, see checkpoint.choose), and write prediction and overlay into `out`; the model runs on the
-    accelerator when there is one. Every input is opened and checked against the model before anything is
-    loaded or written."""
+    (a tag or folder, see checkpoint.choose), and write prediction and overlay (with `probabilities`, also the
+    probability maps) into `out`; the model runs on the accelerator when there is one. Every input is opened and
+    checked against the model before anything is loaded or written."""
     check_writable_dir(out, "--out")
-    sources = [open_image(paths if len(paths) > 1 else paths[0]) for paths in inputs]
+    sources = [open_image(paths if len(paths) > 1 else paths[0], cache=cfg.data.cache_gb,
+                          nonfinite=cfg.data.nonfinite) for paths in inputs]
+    for source in sources:  # data.mpp: every slide has resolution tags fine enough, before anything is written
+        physical_scale(source, cfg.data.mpp)
     if not sources:
         return []
     first = sources[0]
@@ -112,15 +117,70 @@ def predict_files(run: Path, cfg: Config, inputs: list[list[Path]], out: Path, c
                             f"but the model of {run} takes {model.encoder.ndim}-D images with "
                             f"{model.encoder.in_chans} channel(s){hint}")
     written = []
-    for paths, source in zip(inputs, sources):
-        case = Case(CaseSpec(_stem(paths[0]), list(paths), None, "test"), source, None)
-        labels = predict_labels(model, case, window=cfg.data.window, patching=cfg.patching,
-                                batch=cfg.eval.batch, device=next(model.parameters()).device)
-        written += _write_outputs(cfg, out, _stem(paths[0]), source, labels)
+    for i, (paths, source) in enumerate(zip(inputs, sources)):
+        written += predict_image(model, cfg, paths, source, out, probabilities=probabilities,
+                                 what=f"predict {i + 1}/{len(inputs)} {_stem(paths[0])}")
     return written
 
 
-def _write_outputs(cfg: Config, out: Path, name: str, source, labels: LabelMap) -> list[Path]:
+def predict_image(model, cfg: Config, paths: list[Path], source, out: Path, probabilities: bool = False,
+                  what: str | None = None) -> list[Path]:
+    """One image: labels (windows blended when eval.overlap > 0), written with the overlay PNG, and with
+    `probabilities` the per-class probability maps (probability_files). Progress lines every eval.progress_s."""
+    case = Case(CaseSpec(_stem(paths[0]), list(paths), None, "test", mpp=cfg.data.mpp), source, None,
+                physical_scale(source, cfg.data.mpp))
+    run = dict(window=cfg.data.window, patching=cfg.patching, batch=cfg.eval.batch,
+               device=next(model.parameters()).device, progress_s=cfg.eval.progress_s, what=what)
+    probs = None
+    if probabilities:
+        labels, probs = predict_dense(model, case, overlap=cfg.eval.overlap, blend=cfg.eval.blend, probabilities=True,
+                                      quantize=len(source.shape) == 2, **run)
+    else:
+        labels = predict_labels(model, case, overlap=cfg.eval.overlap, blend=cfg.eval.blend, **run)
+    written = _write_outputs(cfg, out, _stem(paths[0]), source, labels)
+    if probs is not None:
+        written += _write_probabilities(cfg, out, _stem(paths[0]), source, probs)
+    return written
+
+
+def probability_files(cfg: Config, name: str, source) -> list[str]:
+    """File names of the probability maps: a volume's one 4-D NIfTI NAME_prob.nii.gz (float32, x, y, z, class:
+    the input's axes and affine, classes last); a 2-D image's one pyramidal TIFF per class, NAME_prob_CLASS.tiff
+    (uint8 round(p x 255), single channel, deflate: the label pyramid's layout, levels by nearest, and the slide's
+    microns per pixel)."""
+    from hrvit.engine.session import class_names
+
+    if len(source.shape) == 3:
+        return [f"{name}_prob.nii.gz"]
+    safe = ["".join(c if c.isalnum() or c in "-_" else "_" for c in n) for n in class_names(cfg)]
+    return [f"{name}_prob_{n}.tiff" for n in safe]
+
+
+def _write_probabilities(cfg: Config, out: Path, name: str, source, probs: DenseLabels) -> list[Path]:
+    """The probability maps of probability_files, each written under a temporary name and renamed; TIFFs tile by
+    tile from the (memory-mapped) quantised probabilities."""
+    names = probability_files(cfg, name, source)
+    if len(source.shape) == 3:
+        import nibabel as nib
+
+        affine = np.asarray(getattr(source, "affine", np.eye(4)), np.float64)  # .npy volumes: voxel coordinates
+
+        def nifti(tmp):
+            data = np.ascontiguousarray(probs.full().transpose(3, 2, 1, 0), np.float32)  # [K, z, y, x] -> x, y, z, K
+            img = nib.Nifti1Image(data, affine)
+            img.set_data_dtype(np.float32)
+            img.header.set_xyzt_units("mm")
+            nib.save(img, tmp)
+
+        return [_atomic(out / names[0], nifti)]
+    mpp = slide_mpp(source) if hasattr(source, "read_level") else None
+    plane = probs.array
+    return [_atomic(out / file, lambda tmp, k=k: write_label_pyramid(
+        tmp, source.shape, lambda ys, xs, k=k: np.asarray(plane[k][np.ix_(ys, xs)]), mpp=mpp))
+        for k, file in enumerate(names)]
+
+
+def _write_outputs(cfg: Config, out: Path, name: str, source, labels: LabelMap | DenseLabels) -> list[Path]:
     """The prediction in the input's own format and the overlay PNG, each complete or not there at all."""
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(source, "read_level"):  # slides (OpenSlide or tifffile): a label pyramid over the slide

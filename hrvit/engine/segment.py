@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from hrvit.config import Config
+from hrvit.config import Config, dice_regions
 from hrvit.data.datasets import CaseSpec, check_label_given, check_labels, check_min_size, open_case
+from hrvit.data.preflight import FileCache, count_nonfinite
 from hrvit.data.windows import TrainWindows
 from hrvit.engine.infer import case_dice_counts, picture_grid, picture_image, truth_on_grid
 from hrvit.engine.losses import loss_from_sums, segmentation_sums
@@ -42,6 +43,7 @@ class SegmentTask:
         """Open one case and check its size and label values (DataError naming the file); a training or
         evaluated case must have a label."""
         check_label_given(spec, self.cfg.eval.split)
+        spec.nonfinite = self.cfg.data.nonfinite  # the pre-flight scan (check_finite) that follows reads it
         case = open_case(spec, num_classes=self.cfg.data.num_classes)
         check_min_size(case, self.cfg.patching.patch_size)
         if case.label is not None:
@@ -53,14 +55,16 @@ class SegmentTask:
         return build_model(m.preset, ndim=ndim, patch_size=cfg.patching.patch_size, in_chans=channels,
                            num_classes=cfg.data.num_classes, embed_dim=m.embed_dim, depth=m.depth,
                            num_heads=m.num_heads, drop_path=m.drop_path,
-                           checkpoint_activations=m.checkpoint_activations, decoder_channels=m.decoder_channels)
+                           checkpoint_activations=m.checkpoint_activations, decoder_channels=m.decoder_channels,
+                           decoder_fuse=m.decoder_fuse)
 
     def make_dataset(self, specs: list[CaseSpec]) -> TrainWindows:
-        """Random windows of the training cases."""
+        """Random windows of the training cases (NIfTI volumes decoded once into each loader process's cache)."""
         cfg = self.cfg
         return TrainWindows([s for s in specs if s.split == "train"], window=cfg.data.window, patching=cfg.patching,
                             seed=cfg.train.seed, foreground_bias=cfg.data.foreground_bias, augment=cfg.data.augment,
-                            skip_bad=cfg.data.skip_bad_samples)
+                            skip_bad=cfg.data.skip_bad_samples, cache_gb=cfg.data.cache_gb,
+                            nonfinite=cfg.data.nonfinite)
 
     @staticmethod
     def tokens(batch: dict) -> int:
@@ -71,7 +75,7 @@ class SegmentTask:
         the loss of the whole sequence."""
         sp = session.sp
         batch = local_batch(session, batch)
-        logits = session.engine(batch["pixels"], batch["boxes"], batch["valid"], batch["image_shape"],
+        logits = session.engine(batch["pixels"], batch["boxes"], batch["valid"], batch["scale"],
                                 batch.get("key_valid"))
         valid = batch["valid"]
         sums = segmentation_sums(logits[valid], batch["target"][valid])
@@ -96,16 +100,22 @@ class SegmentTask:
         forward = net if sp is None else SequenceParallelForward(net, sp.group, sp.size, sp.sp_rank)
         was_training = net.training
         net.eval()
+        names = dice_regions(cfg.data)
+        regions = list(names.values())  # counts [3, K + R]: the classes', then the regions' (unions of classes)
+        self._specs = specs
         mine = {}
         for i in range(session.dp_rank, len(cases), session.dp_size):
             spec = cases[i]
-            case = open_case(spec, num_classes=cfg.data.num_classes)
+            case = open_case(spec, num_classes=cfg.data.num_classes, cache_gb=cfg.data.cache_gb,
+                             nonfinite=cfg.data.nonfinite)
             picture = i == 0 and run is not None and cfg.output.picture and session.rank == 0
             image = picture_image(case.image) if picture else None
             grid = picture_grid(case.image.shape, image.shape[1:]) if picture else None
             mine[spec.id], small = case_dice_counts(forward, case, window=cfg.data.window, patching=cfg.patching,
                                                     batch=cfg.eval.batch, num_classes=cfg.data.num_classes,
-                                                    device=device, picture=grid)
+                                                    device=device, picture=grid, regions=regions,
+                                                    overlap=cfg.eval.overlap, blend=cfg.eval.blend,
+                                                    progress_s=cfg.eval.progress_s)
             if picture:
                 write_picture(run / "prediction.png", image, truth_on_grid(case, grid), small, class_names(cfg))
         net.train(was_training)
@@ -113,8 +123,8 @@ class SegmentTask:
         for part in comm.all_gather_object(mine if session.sp_rank == 0 else {}):
             found.update(part)
         per_case = {s.id: found[s.id] for s in cases}
-        result = summarize(per_case, class_names(cfg)) if per_case else dict.fromkeys(("dice_mean_foreground",
-                                                                                      "dice_mean"))
+        result = summarize(per_case, class_names(cfg), list(names)) if per_case else \
+            dict.fromkeys(("dice_mean_foreground", "dice_mean"))
         result.update(step=step, cases=len(per_case), split=cfg.eval.split)
         return result
 
@@ -122,10 +132,25 @@ class SegmentTask:
         """The task's part of summary.json, from the final evaluation."""
         return {"dice_mean_foreground": result.get("dice_mean_foreground"), "dice_mean": result.get("dice_mean"),
                 "dice_per_class": result.get("dice_per_class"),
+                **{k: result[k] for k in ("dice_mean_regions", "dice_per_region", "dice_per_region_per_case")
+                   if k in result},
+                **self.nonfinite_fields(),
                 "eval_cases": result.get("cases"), "patching": self.cfg.patching.mode,
                 "patch_size": self.cfg.patching.patch_size}
+
+    def nonfinite_fields(self) -> dict:
+        """With data.nonfinite=zero: how many NaN/Inf voxels were read as 0, per case of the run (cases with
+        none left out) and in all; counted by the pre-flight scan (cached per file, so no image is read again)."""
+        if self.cfg.data.nonfinite != "zero":
+            return {}
+        cache = FileCache()
+        counts = {s.id: sum(count_nonfinite(p, cache) for p in s.image) for s in getattr(self, "_specs", [])}
+        cache.save()
+        return {"nonfinite_voxels": {case: n for case, n in counts.items() if n},
+                "nonfinite_voxels_total": sum(counts.values())}
 
     @staticmethod
     def score(result: dict) -> str:
         """One line for people, from an evaluation result or summary.json."""
-        return f"mean Dice {result['dice_mean']}; per class {result.get('dice_per_class')}"
+        regions = f"; per region {result['dice_per_region']}" if result.get("dice_per_region") else ""
+        return f"mean Dice {result['dice_mean']}; per class {result.get('dice_per_class')}{regions}"

@@ -31,9 +31,12 @@ def class_names(cfg: Config) -> list[str]:
 
 
 def find_cases(cfg: Config) -> list[CaseSpec]:
-    return discover(cfg.data.layout, root=cfg.data.root, manifest=cfg.data.manifest,
-                    val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
-                    allow_outside_root=cfg.data.allow_outside_root)
+    specs = discover(cfg.data.layout, root=cfg.data.root, manifest=cfg.data.manifest,
+                     val_fraction=cfg.data.val_fraction, seed=cfg.train.seed,
+                     allow_outside_root=cfg.data.allow_outside_root)
+    for spec in specs:
+        spec.mpp = cfg.data.mpp
+    return specs
 
 
 def task_for(cfg: Config):
@@ -59,7 +62,7 @@ def check_cases(cfg: Config, specs: list[CaseSpec], bad: list | None = None) -> 
         for spec in specs:
             try:
                 case = task.check_case(spec)
-                check_finite(spec, cache)
+                check_finite(spec, cache, cfg.data.nonfinite)
             except DataError as err:
                 if bad is None:
                     raise

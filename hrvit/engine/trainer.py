@@ -10,7 +10,7 @@ Under sequence parallelism (parallel.sp_size > 1) each rank of a group keeps a s
 sample's tokens (hrvit/parallel/shard.py); attention spans the group (hrvit/parallel/attention.py);
 the loss is computed from sums added over the group, so it is the loss of the whole sequence.
 
-Long runs (docs: README "Running for days"): checkpoints are atomic (hrvit/engine/checkpoint.py);
+Long runs (docs/cluster.md, "Running for days"): checkpoints are atomic (hrvit/engine/checkpoint.py);
 SIGTERM/SIGUSR1 make every rank finish its step, checkpoint and raise Preempted; SIGUSR2
 checkpoints and goes on; a step whose loss is not finite on any rank is skipped on all of them. The
 ranks agree on all three through one small all-reduce per step. Everything segmentation-specific

@@ -48,8 +48,8 @@ class PatchEmbedder(nn.Module):
         p, g = self.encoder.patch_size, self.grid
         tokens = patches.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c, p, p)
         valid = torch.ones(n, g * g, dtype=torch.bool, device=patches.device)
-        shape = torch.tensor([self.patch, self.patch], device=patches.device).expand(n, 2)
-        hidden = self.encoder(tokens, self.boxes.expand(n, -1, -1), valid, shape)[-1]
+        scale = torch.ones(n, device=patches.device)
+        hidden = self.encoder(tokens, self.boxes.expand(n, -1, -1), valid, scale)[-1]
         return hidden.mean(1)
 
 

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from hrvit.config import where_looked
 from hrvit.errors import ConfigError, DataError
-from hrvit.models.decoder import UNETRDecoder
+from hrvit.models.decoder import FUSES, UNETRDecoder
+from hrvit.patching.halo import token_pixels
 
 AttentionCore = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 """core(q, k, v, key_valid) -> out, all [B, L, H, Dh]; key_valid [B, L] bool (True = real
@@ -114,10 +116,17 @@ class TokenEmbed(nn.Module):
         return self.proj(x).view(B, L, -1)
 
 
+POSITION_EXTENT = 2.0**16
+"""Working pixels that segmentation positions are measured against (BoxEmbed's extent): positions stay
+distinct in every Fourier term up to 2^17 pixels per axis, beyond that in the linear term."""
+
+
 class BoxEmbed(nn.Module):
-    """Position from the token's box: centre / image and size / image per axis (where and how
-    much of the image) and log2(size / p) (tree level), as Fourier features + a Linear.
-    Continuous, so it works for any image size, tree depth and token order."""
+    """Position from the token's box: centre / extent and size / extent per axis and log2(size / p) (tree
+    level), as Fourier features + a Linear. Continuous, so it works for any image size, tree depth and
+    token order. `extent` is what positions are measured against: a fixed length for segmentation (so the
+    same structure at the same place in a window is encoded alike on slides of any size), the image shape
+    for the IPS classifier's whole-image positions."""
 
     LEVEL_SCALE = 16.0  # log2(size / p) / 16 stays in [0, 1) for leaves up to 2^16 * p
 
@@ -126,12 +135,13 @@ class BoxEmbed(nn.Module):
         self.ndim, self.patch_size, self.num_freqs = ndim, patch_size, num_freqs
         self.proj = nn.Linear(3 * ndim * (2 * num_freqs + 1), dim)
 
-    def forward(self, boxes: Tensor, image_shape: Tensor) -> Tensor:
-        """boxes [B, L, 2D] (start..., size...), image_shape [B, D] -> [B, L, dim]."""
+    def forward(self, boxes: Tensor, extent: Tensor | float) -> Tensor:
+        """boxes [B, L, 2D] (start..., size...), extent [B, D] (or a number) -> [B, L, dim]."""
         # float32 whatever the model dtype: bf16 cannot tell neighbouring tokens of a big slide apart
         start, size = boxes.float().split(self.ndim, dim=-1)
         size = size.clamp(min=1.0)  # padding boxes are all zeros
-        shape = image_shape.float().clamp(min=1.0)[:, None, :]
+        shape = torch.as_tensor(extent, dtype=torch.float32, device=boxes.device).clamp(min=1.0)
+        shape = shape[:, None, :] if shape.dim() == 2 else shape
         feats = torch.cat(
             [
                 (start + size / 2) / shape,
@@ -243,20 +253,27 @@ class ViTEncoder(nn.Module):
         pixels: Tensor,
         boxes: Tensor,
         valid: Tensor,
-        image_shape: Tensor,
+        scale: Tensor,
         key_valid: Tensor | None = None,
     ) -> list[Tensor]:
-        """pixels [B, L, C, *P], boxes [B, L, 2D], valid [B, L], image_shape [B, D] -> 4 x [B, L, dim].
+        """pixels [B, L, C, *P], boxes [B, L, 2D] (level-0 pixels), valid [B, L], scale [B] -> 4 x [B, L, dim].
 
-        key_valid (default: valid) is the key mask of the full sequence; it differs from
-        valid only under sequence parallelism, where this rank holds a slice of the tokens.
+        scale: level-0 pixels per working pixel (PatchSequence.scale); boxes / scale are measured against
+        POSITION_EXTENT working pixels, a constant, so a token's code depends on where it lies in its window
+        and how large it is physically, not on the size of the slide. key_valid (default: valid) is the key
+        mask of the full sequence; it differs from valid only under sequence parallelism, where this rank
+        holds a slice of the tokens.
         """
-        expected = (self.in_chans, *(self.patch_size,) * self.ndim)
-        if tuple(pixels.shape[2:]) != expected:
+        side = pixels.shape[-1]  # p, or p + 2 x halo (hrvit.patching.halo): the encoder embeds the centre p^D
+        expected = (self.in_chans, *(side,) * self.ndim)
+        if tuple(pixels.shape[2:]) != expected or side < self.patch_size or (side - self.patch_size) % 2:
             raise ValueError(
-                f"pixels {tuple(pixels.shape)}: expected [B, L, {', '.join(map(str, expected))}]"
+                f"pixels {tuple(pixels.shape)}: expected [B, L, {self.in_chans}, "
+                f"{', '.join([f'{self.patch_size} + 2 x halo'] * self.ndim)}]"
             )
-        x = self.patch_embed(pixels) + self.box_embed(boxes, image_shape)
+        working = boxes.float() / scale.to(boxes.device, torch.float32).view(-1, *(1,) * (boxes.dim() - 1))
+        own = token_pixels(pixels, self.patch_size, self.ndim)
+        x = self.patch_embed(own) + self.box_embed(working, POSITION_EXTENT)
         x = torch.where(
             valid[..., None], x, 0.0
         )  # padding stays finite whatever garbage it holds
@@ -303,12 +320,10 @@ class Segmenter(nn.Module):
         pixels: Tensor,
         boxes: Tensor,
         valid: Tensor,
-        image_shape: Tensor,
+        scale: Tensor,
         key_valid: Tensor | None = None,
     ) -> Tensor:
-        return self.decoder(
-            self.encoder(pixels, boxes, valid, image_shape, key_valid), pixels
-        )
+        return self.decoder(self.encoder(pixels, boxes, valid, scale, key_valid), pixels)
 
 
 PRESETS: dict[str, dict] = {
@@ -363,8 +378,10 @@ def build_model(
     drop_path: float = 0.0,
     checkpoint_activations: bool = False,
     decoder_channels: Sequence[int] | None = None,
+    decoder_fuse: str = "conv",
 ) -> Segmenter:
-    """A Segmenter from a named preset; any argument left None takes the preset's value."""
+    """A Segmenter from a named preset; any argument left None takes the preset's value (decoder_fuse: how
+    decoder stages mix their inputs, see hrvit.models.decoder)."""
     if preset not in PRESETS:
         raise ConfigError(
             f"unknown model preset {preset!r}; valid: {', '.join(PRESETS)}"
@@ -383,6 +400,8 @@ def build_model(
         raise ConfigError(
             f"decoder_channels={channels} must be a non-empty list of positive widths"
         )
+    if decoder_fuse not in FUSES:
+        raise ConfigError(f"decoder_fuse={decoder_fuse!r} must be one of {', '.join(FUSES)}")
     encoder = ViTEncoder(
         ndim=ndim,
         patch_size=patch_size,
@@ -402,6 +421,7 @@ def build_model(
         embed_dim=embed_dim,
         num_classes=num_classes,
         channels=channels,
+        fuse=decoder_fuse,
     )
     return Segmenter(encoder, decoder)
 
@@ -439,7 +459,7 @@ class LoadReport:
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise DataError(f"timm checkpoint {path} does not exist")
+        raise DataError(f"timm checkpoint {path} does not exist{where_looked(path)}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -90,7 +90,7 @@ class SequenceParallelForward:
     def __init__(self, model, group, sp_size: int, sp_rank: int):
         self.model, self.group, self.sp_size, self.sp_rank = model, group, sp_size, sp_rank
 
-    def __call__(self, pixels, boxes, valid, image_shape):
+    def __call__(self, pixels, boxes, valid, scale):
         local = shard_batch({"pixels": pixels, "boxes": boxes, "valid": valid}, self.sp_size, self.sp_rank)
-        logits = self.model(local["pixels"], local["boxes"], local["valid"], image_shape, local["key_valid"])
+        logits = self.model(local["pixels"], local["boxes"], local["valid"], scale, local["key_valid"])
         return gather_tokens(logits, self.group, local["token_order"], valid.shape[1])

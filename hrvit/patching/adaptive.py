@@ -14,6 +14,12 @@ The tree (after the SC24 paper's adaptive patching, without its faults):
   split while detail mass > threshold (variable length, `tokens` caps it).
 - Leaves are emitted in Morton (Z) order of their corners: tree order, neighbours stay close.
 
+Anisotropic and thin volumes (3-D, voxel spacing from the NIfTI affine): roots and splits per axis. Root edges are
+p 2^k per axis, as large as fits the volume's physically shortest side (a cube in millimetres, as near as powers of
+two allow; an axis thinner than p is one root thick); a node splits only along axes still larger than the minimum
+leaf whose physical extent is more than half the longest such axis, so nodes tend to physical cubes and 5 mm
+slices are not cut as finely as 0.9 mm pixels. With isotropic spacing this is the cubic tree above, bit for bit.
+
 Each leaf of edge S becomes one token of p^D pixels: the area (box-filter) mean over S/p blocks
 for images, the majority label of each block for labels (smallest label on ties, IGNORE_INDEX only
 for a block wholly outside the image; never interpolated, so no value that is not in the source).
@@ -39,6 +45,7 @@ import torch.nn.functional as F
 from hrvit.errors import ConfigError, DataError
 from hrvit.patching.scores import Detail
 from hrvit.patching.sequence import IGNORE_INDEX, PatchSequence
+from hrvit.patching.uniform import check_extent
 
 BASE_POOL = 4
 """In memory, the image is area-pooled once by this factor (one pass); larger leaves are cut from
@@ -55,11 +62,21 @@ patched in memory) up to this many pixels (0.8 GB of float32 RGB)."""
 
 @dataclass
 class Leaves:
-    """Leaves of one tree, in Morton order: start [n, D] and size [n] in level-0 pixels, detail [n]."""
+    """Leaves of one tree, in Morton order: start [n, D] and size [n] (the longest edge) in level-0 pixels,
+    detail [n]; edges [n, D] per axis (default: cubic, every edge = size)."""
 
     start: np.ndarray
     size: np.ndarray
     detail: np.ndarray
+    edges: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.edges is None:
+            self.edges = np.repeat(self.size[:, None], self.start.shape[1], 1)
+
+    @property
+    def cubic(self) -> bool:
+        return bool((self.edges == self.size[:, None]).all())
 
     def __len__(self) -> int:
         return len(self.size)
@@ -75,17 +92,40 @@ def leaf_limits(cfg) -> tuple[int, int, int | None]:
 
 
 def root_size(extent, p: int, min_leaf: int, max_leaf: int | None) -> int:
-    """Edge of the root squares: the largest power-of-two multiple of p that fits the shortest side
-    (at least min_leaf, at most max_leaf)."""
+    """Edge of the root squares: the largest power-of-two multiple of min_leaf that fits the shortest side
+    (at least min_leaf, at most max_leaf), so that nodes halve exactly down to min_leaf (which data.mpp
+    makes any even number of level-0 pixels)."""
     shortest = min(extent)
     if shortest < p:
         raise DataError(f"image of shape {tuple(extent)} is smaller than one patch ({p} px)")
-    root = max(min_leaf, p * 2 ** int(math.floor(math.log2(shortest / p))))
+    root = min_leaf * 2 ** max(0, int(math.floor(math.log2(shortest / min_leaf))))
     return min(root, max_leaf) if max_leaf else root
 
 
-def build_tree(extent, root: int, min_leaf: int, p: int, detail, tokens: int | None = None,
-               threshold: float | None = None) -> Leaves:
+def isotropic(spacing) -> bool:
+    """True for no spacing or the same spacing on every axis (to 1e-6 relative)."""
+    return spacing is None or max(spacing) - min(spacing) <= 1e-6 * max(spacing)
+
+
+def root_edges(extent, p: int, min_leaf: int, max_leaf: int | None, spacing=None) -> tuple[int, ...]:
+    """Root edge per axis: the largest min_leaf 2^k whose physical length (edge x spacing) fits the physically
+    shortest side of the image (min_leaf itself where none does: an axis thinner than that is one root thick), at
+    most max_leaf. With isotropic spacing every axis gets root_size's edge (an image thinner than p aside)."""
+    spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * len(extent)
+    if isotropic(spacing):
+        spacing = (1.0,) * len(extent)
+    shortest = min(e * s for e, s in zip(extent, spacing)) * (1 + 1e-9)
+    edges = []
+    for s in spacing:
+        edge = min_leaf
+        while 2 * edge * s <= shortest:
+            edge *= 2
+        edges.append(min(edge, max_leaf) if max_leaf else edge)
+    return tuple(edges)
+
+
+def build_tree(extent, root, min_leaf: int, p: int, detail, tokens: int | None = None,
+               threshold: float | None = None, spacing=None) -> Leaves:
     """Best-first quadtree/octree over an image of shape `extent` (level-0 pixels).
 
     detail(start, size) -> [0, 1]; a node's mass is its detail x its in-image area in base patches
@@ -93,7 +133,13 @@ def build_tree(extent, root: int, min_leaf: int, p: int, detail, tokens: int | N
     score, mass adds up: a child never outweighs its parent). Budget mode (threshold None): at most
     `tokens` leaves, as many as the image allows. Threshold mode: split while mass > threshold (the same
     order, stopped there), at most `tokens` leaves.
+
+    root: an edge (cubic tree) or one edge per axis (then detail(start, edges) takes per-axis edges, nodes split
+    per axis as `split_axes` says with `spacing`, and the leaves carry their edges).
     """
+    if not isinstance(root, int):
+        return _build_tree_axes(extent, tuple(int(r) for r in root), min_leaf, p, detail, tokens, threshold,
+                                spacing)
     extent = tuple(int(e) for e in extent)
     ndim = len(extent)
     roots = list(itertools.product(*[range(0, e, root) for e in extent]))
@@ -155,6 +201,126 @@ def build_tree(extent, root: int, min_leaf: int, p: int, detail, tokens: int | N
     return Leaves(start[order], size[order], np.array([leaf[2] for leaf in leaves], np.float64)[order])
 
 
+def split_axes(edges, min_leaf: int, spacing) -> tuple[int, ...]:
+    """Axes a node of these edges splits along: those still larger than min_leaf whose physical extent (edge x
+    spacing) is more than half the longest of them. Isotropic cubes split along every axis (the cubic tree); a
+    node of 16 x 64 x 64 voxels of 5 x 0.9 x 0.9 mm (80 x 58 x 58 mm) too, but 16 x 256 x 256 (80 x 230 x 230 mm)
+    only in-plane."""
+    can = [a for a, e in enumerate(edges) if e > min_leaf]
+    if not can:
+        return ()
+    longest = max(edges[a] * spacing[a] for a in can)
+    return tuple(a for a in can if 2 * edges[a] * spacing[a] > longest)
+
+
+def _build_tree_axes(extent, root: tuple[int, ...], min_leaf: int, p: int, detail, tokens, threshold,
+                     spacing) -> Leaves:
+    """build_tree with per-axis roots and splits: the same best-first order, mass and budget; a node splits
+    along split_axes (plus, when it is mostly outside the image, the axes it sticks out along), into 2, 4 or 8
+    children; children wholly outside are never made."""
+    extent = tuple(int(e) for e in extent)
+    ndim = len(extent)
+    spacing = (1.0,) * ndim if spacing is None else tuple(float(s) for s in spacing)
+    roots = list(itertools.product(*[range(0, e, r) for e, r in zip(extent, root)]))
+    cap = math.inf if tokens is None else tokens
+    if len(roots) > cap:
+        raise DataError(
+            f"patching.tokens={tokens} is smaller than the {len(roots)} roots of "
+            f"{root[0] if len(set(root)) == 1 else 'x'.join(map(str, root))} px "
+            f"needed to cover an image of shape {extent}; raise patching.tokens or patching.max_leaf")
+    unit = float(p**ndim)
+    heap: list = []
+    leaves: list = []
+
+    def add(start, edges):
+        d = detail(start, edges)
+        axes = split_axes(edges, min_leaf, spacing)
+        if axes:
+            inside = 1.0
+            for s, n, e in zip(start, edges, extent):
+                if s + n > e:
+                    inside *= (e - s) / n
+            if inside < 0.5:
+                out = [a for a in range(ndim) if start[a] + edges[a] > extent[a] and edges[a] > min_leaf]
+                axes = tuple(sorted(set(axes) | set(out)))
+                heapq.heappush(heap, (-math.inf, -math.prod(edges), start, edges, axes, d))
+                return
+            mass = d * inside * (math.prod(edges) / unit)
+            if threshold is None or mass > threshold:
+                heapq.heappush(heap, (-mass, -math.prod(edges), start, edges, axes, d))
+                return
+        leaves.append((start, edges, d))
+
+    for r in roots:
+        add(r, root)
+    count = len(roots)
+    while heap and count < cap:
+        _, _, start, edges, axes, d = heapq.heappop(heap)
+        half = tuple(e // 2 if a in axes else e for a, e in enumerate(edges))
+        steps = [(0, half[a]) if a in axes else (0,) for a in range(ndim)]
+        kids = [k for k in (tuple(s + o for s, o in zip(start, off)) for off in itertools.product(*steps))
+                if all(s < e for s, e in zip(k, extent))]
+        if count + len(kids) - 1 > cap:
+            leaves.append((start, edges, d))
+            continue
+        count += len(kids) - 1
+        for k in kids:
+            add(k, half)
+    leaves += [(entry[2], entry[3], entry[5]) for entry in heap]
+    start = np.array([leaf[0] for leaf in leaves], np.int64).reshape(-1, ndim)
+    edges = np.array([leaf[1] for leaf in leaves], np.int64).reshape(-1, ndim)
+    order = np.argsort(morton(start // min_leaf), kind="stable")
+    return Leaves(start[order], edges.max(1)[order], np.array([leaf[2] for leaf in leaves], np.float64)[order],
+                  edges[order])
+
+
+def _detail_axes(detail: Detail):
+    """node(start, edges) -> detail in [0, 1] of a box with per-axis edges, from a Detail's summed-area tables
+    (Detail.node takes one edge for every axis); the same clipping and scorers."""
+    inv, shape, tables, ceil = 1.0 / detail.w, detail.shape, detail.tables, math.ceil
+    corners = [(c, (-1) ** (len(shape) - sum(c))) for c in itertools.product((0, 1), repeat=len(shape))]
+
+    def bounds(start, edges):
+        lo, hi = [], []
+        for s, e, n in zip(start, edges, shape):
+            a, b = min(int(s * inv), n - 1), min(ceil((s + e) * inv), n)
+            lo.append(a)
+            hi.append(b if b > a else a + 1)
+        return lo, hi
+
+    def box(t, lo, hi):
+        return sum(sign * t.item(*[b if c else a for c, a, b in zip(corner, lo, hi)]) for corner, sign in corners)
+
+    if len(shape) == 3:  # written out: this runs once per tree node
+        (nz, ny, nx), (lz, ly, lx) = shape, [n - 1 for n in shape]
+
+        def bounds(start, edges):
+            (z, y, x), (ez, ey, ex) = start, edges
+            a, b, e = min(int(z * inv), lz), min(int(y * inv), ly), min(int(x * inv), lx)
+            c, d, f = min(ceil((z + ez) * inv), nz), min(ceil((y + ey) * inv), ny), min(ceil((x + ex) * inv), nx)
+            return (a, b, e), (c if c > a else a + 1, d if d > b else b + 1, f if f > e else e + 1)
+
+        def box(t, lo, hi):
+            (a, b, e), (c, d, f) = lo, hi
+            return (t.item(c, d, f) - t.item(a, d, f) - t.item(c, b, f) - t.item(c, d, e)
+                    + t.item(a, b, f) + t.item(a, d, e) + t.item(c, b, e) - t.item(a, b, e))
+
+    if detail.scorer == "edge":
+        def node(start, edges):
+            lo, hi = bounds(start, edges)
+            return box(tables[0], lo, hi) / math.prod(b - a for a, b in zip(lo, hi))
+        return node
+    mask = tables[2] if len(tables) == 3 else None
+
+    def node(start, edges):
+        lo, hi = bounds(start, edges)
+        n = math.prod(b - a for a, b in zip(lo, hi))
+        mean = box(tables[0], lo, hi) / n
+        value = min(math.sqrt(max(box(tables[1], lo, hi) / n - mean * mean, 0.0)) / detail.t, 1.0)
+        return value * box(mask, lo, hi) / n if mask is not None else value
+    return node
+
+
 def morton(coords: np.ndarray) -> np.ndarray:
     """Z-order code of non-negative integer coordinates [n, D] (first axis most significant)."""
     coords = coords.astype(np.uint64)
@@ -191,15 +357,16 @@ def _pad_to(x: torch.Tensor, shape) -> torch.Tensor:
     return F.pad(x, [v for e in reversed(extra) for v in (0, e)])
 
 
-def _blocks(src: torch.Tensor, starts: torch.Tensor, size: int) -> torch.Tensor:
-    """src [C, *S] -> [n, C, size...]: the blocks at starts [n, D] (must lie inside src), one indexing call."""
+def _blocks(src: torch.Tensor, starts: torch.Tensor, size) -> torch.Tensor:
+    """src [C, *S] -> [n, C, *size]: the blocks at starts [n, D] (must lie inside src), one indexing call; size is
+    one edge or one per axis."""
     ndim = starts.shape[1]
-    ar = torch.arange(size, device=src.device)
+    sizes = (size,) * ndim if isinstance(size, int) else tuple(size)
     index = []
     for a in range(ndim):
         shape = [len(starts)] + [1] * ndim
-        shape[1 + a] = size
-        index.append((starts[:, a, None] + ar).view(shape))
+        shape[1 + a] = sizes[a]
+        index.append((starts[:, a, None] + torch.arange(sizes[a], device=src.device)).view(shape))
     return src[(slice(None), *index)].movedim(0, 1)
 
 
@@ -232,18 +399,18 @@ def leaf_labels(label: torch.Tensor, leaves: Leaves, p: int) -> torch.Tensor:
     """Majority labels of every leaf of an in-memory label map [*E]: [n, p...], IGNORE_INDEX outside the
     image; the leaves of one size go through mode_pool in chunks of about 16M pixels, one indexing call each."""
     ndim = label.ndim
-    grid = [int((leaves.start[:, a] + leaves.size).max()) for a in range(ndim)]
+    grid = [int((leaves.start[:, a] + leaves.edges[:, a]).max()) for a in range(ndim)]
     small = label.numel() == 0 or (int(label.min()) >= -(2**15) and int(label.max()) < 2**15)
     padded = torch.full(grid, IGNORE_INDEX, dtype=torch.int16 if small else torch.long, device=label.device)
     padded[tuple(slice(0, e) for e in label.shape)] = label
     out = torch.empty((len(leaves), *(p,) * ndim), dtype=torch.long, device=label.device)
     starts = torch.from_numpy(leaves.start).to(label.device)
-    for size in np.unique(leaves.size).tolist():
-        sel = np.flatnonzero(leaves.size == size)
-        chunk = max(1, (1 << 24) // size**ndim)
+    for edges in np.unique(leaves.edges, axis=0).tolist():  # per-axis edges: anisotropic leaves pool per axis
+        sel = np.flatnonzero((leaves.edges == edges).all(1))
+        chunk = max(1, (1 << 24) // math.prod(edges))
         for i in range(0, len(sel), chunk):
             part = torch.from_numpy(sel[i:i + chunk]).to(label.device)
-            out[part] = mode_pool(_blocks(padded[None], starts[part], size)[:, 0], p)
+            out[part] = mode_pool(_blocks(padded[None], starts[part], edges)[:, 0], p)
     return out
 
 
@@ -305,19 +472,66 @@ def resample(image: torch.Tensor, leaves: Leaves, p: int, base: torch.Tensor, ba
     return out
 
 
+def _cut_clipped(src: torch.Tensor, starts: torch.Tensor, size) -> torch.Tensor:
+    """src [C, *S] -> [n, C, *size]: the blocks at starts [n, D] (inside src), zeros where one reaches past src."""
+    ndim = starts.shape[1]
+    index, keep = [], torch.ones((len(starts), *(1,) * ndim), dtype=torch.bool, device=src.device)
+    for a in range(ndim):
+        shape = [len(starts)] + [1] * ndim
+        shape[1 + a] = size[a]
+        i = (starts[:, a, None] + torch.arange(size[a], device=src.device)).view(shape)
+        keep = keep & (i < src.shape[1 + a])
+        index.append(i.clamp(max=src.shape[1 + a] - 1))
+    return src[(slice(None), *index)].movedim(0, 1).masked_fill_(~keep[:, None], 0.0)
+
+
+def resample_axes(image: torch.Tensor, leaves: Leaves, p: int) -> torch.Tensor:
+    """Every leaf of an in-memory image [C, *E] area-resampled to p per axis: [n, C, p...] (0 outside the image).
+
+    For leaves with per-axis edges (anisotropic trees): each edge is p 2^k, so a token pixel is the mean of
+    2^k_a voxels along each axis a (area average by integer factors; never upsampled). The leaves of one edge
+    tuple are cut from the finest map made so far that divides it (the image at first) and pooled, when they
+    cover less than half of that map; otherwise that map is pooled whole (zeros outside, as area_pool) into theirs,
+    kept for larger leaves, and they are cut from it. One indexing call per edge tuple; no padded copy of the image.
+    """
+    c, ndim = image.shape[0], image.ndim - 1
+    out = image.new_zeros((len(leaves), c, *(p,) * ndim))
+    if not len(leaves):
+        return out
+    shifts = np.log2(leaves.edges // p).astype(np.int64)
+    maps = {(0,) * ndim: image}
+    pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
+    starts = torch.from_numpy(leaves.start).to(image.device)
+    for k in sorted({tuple(row) for row in shifts.tolist()}):
+        sel = torch.from_numpy(np.flatnonzero((shifts == k).all(1))).to(image.device)
+        parent = max((m for m in maps if all(a <= b for a, b in zip(m, k))), key=sum)
+        src, f = maps[parent], [1 << (b - a) for a, b in zip(parent, k)]
+        at = starts[sel] >> torch.tensor(parent, device=image.device)
+        if 2 * len(sel) * p**ndim * math.prod(f) < src[0].numel():
+            blocks = _cut_clipped(src, at, [p * g for g in f])
+            out[sel] = pool(blocks.flatten(0, 1), f).view(len(sel), c, *(p,) * ndim)
+            continue
+        y = pool(src, f, ceil_mode=True)  # a block cut by the image edge: the mean of its in-image part ...
+        for a, (n, g) in enumerate(zip(src.shape[1:], f)):
+            if n % g:
+                y.narrow(a + 1, y.shape[a + 1] - 1, 1).mul_((n % g) / g)  # ... times its share: zeros outside
+        maps[k] = y
+        out[sel] = _cut_clipped(y, starts[sel] >> torch.tensor(k, device=image.device), (p,) * ndim)
+    return out
+
+
 def to_sequence(leaves: Leaves, pixels: torch.Tensor, p: int, length: int | None, image_shape,
                 target: torch.Tensor | None = None) -> PatchSequence:
     """Leaves and their token pixels (and targets) -> a PatchSequence padded to `length` tokens."""
     n = len(leaves)
     total = max(length or n, n)
-    ndim = leaves.start.shape[1]
     extra = total - n
     device = pixels.device
 
     def pad(t, fill):
         return torch.cat([t, t.new_full((extra, *t.shape[1:]), fill)]) if extra else t
 
-    boxes = np.concatenate([leaves.start, np.repeat(leaves.size[:, None], ndim, 1)], 1)
+    boxes = np.concatenate([leaves.start, leaves.edges], 1)
     seq = PatchSequence(
         pixels=pad(pixels, 0),
         boxes=pad(torch.from_numpy(boxes).to(device), 0),
@@ -359,21 +573,23 @@ def _sensitivity(cfg, rng) -> float:
 def _check_extent(extent, p):
     if len(extent) not in (2, 3):
         raise DataError(f"adaptive patching takes 2-D or 3-D images, got spatial shape {tuple(extent)}")
-    if min(extent) < p:
-        raise DataError(f"image of shape {tuple(extent)} is smaller than one patch ({p} px)")
+    check_extent(extent, p)
 
 
 # ------------------------------------------------------------------ the two readers
 
 
 def patch_adaptive(image: torch.Tensor, cfg, target: torch.Tensor | None = None, rng=None,
-                   image_shape=None, picture: int = 0) -> PatchSequence:
+                   image_shape=None, picture: int = 0, spacing=None) -> PatchSequence:
     """Adaptive tokens of an in-memory image [C, *E] (2-D or 3-D) as `cfg` (a PatchingConfig) says.
 
     target [*E] labels (optional); rng: np.random.Generator for jitter (training only);
     image_shape: the sequence's image_shape (default E; a window may be larger than its in-image part);
     picture > 0: also an overview of the image, at most that many pixels per side, in seq.meta["picture"]
     (see _picture; off by default, so training holds nothing more). Timings per stage land in seq.meta["seconds"].
+    spacing: physical size of a pixel per axis (array order; for NIfTI the affine's column norms, reversed).
+    Isotropic (or None): the cubic tree. Otherwise, or when a 3-D axis is thinner than the root, roots and
+    splits per axis (root_edges, split_axes) and leaves with per-axis edges, each still resampled to p^D.
     """
     tick = time.perf_counter()
     p, min_leaf, max_leaf = leaf_limits(cfg)
@@ -392,10 +608,15 @@ def patch_adaptive(image: torch.Tensor, cfg, target: torch.Tensor | None = None,
             if n % f:
                 base.narrow(a + 1, base.shape[a + 1] - 1, 1).mul_((n % f) / f)
     t_scores = time.perf_counter()
-    root = root_size(extent, p, min_leaf, max_leaf)
-    leaves = build_tree(extent, root, min_leaf, p, detail.node, cfg.tokens, cfg.threshold)
+    edges = root_edges(extent, p, min_leaf, max_leaf, spacing)
+    if isotropic(spacing):  # the cubic tree (2-D and isotropic volumes, as before)
+        root = edges[0]
+        leaves = build_tree(extent, root, min_leaf, p, detail.node, cfg.tokens, cfg.threshold)
+    else:
+        root = edges
+        leaves = build_tree(extent, root, min_leaf, p, _detail_axes(detail), cfg.tokens, cfg.threshold, spacing)
     t_tree = time.perf_counter()
-    pixels = resample(image, leaves, p, base, f)
+    pixels = resample(image, leaves, p, base, f) if leaves.cubic else resample_axes(image, leaves, p)
     labels = None if target is None else leaf_labels(target, leaves, p)
     length = cfg.tokens if cfg.threshold is None else None
     seq = to_sequence(leaves, pixels, p, length, image_shape or extent, labels)

@@ -16,7 +16,9 @@ class PatchSequence:
 
     pixels [L, C, *p]; boxes [L, 2*D] (start..., size...) in level-0 pixels; level [L] =
     log2(size / p); valid [L] False for padding; target [L, *p] (optional, IGNORE_INDEX
-    outside the image); score [L] (optional); image_shape: full-resolution spatial shape.
+    outside the image); score [L] (optional); image_shape: full-resolution spatial shape; scale: level-0
+    pixels per working pixel (data.mpp / the slide's microns per pixel; 1 without data.mpp), which the model
+    divides boxes by so that position and size are physical.
     """
 
     pixels: torch.Tensor
@@ -27,6 +29,7 @@ class PatchSequence:
     target: torch.Tensor | None = None
     score: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    scale: float = 1.0
 
     @property
     def ndim(self) -> int:
@@ -60,6 +63,7 @@ def collate(samples: list[PatchSequence]) -> dict:
         "level": torch.stack([pad(s.level, 0) for s in samples]),
         "valid": torch.stack([pad(s.valid, False) for s in samples]),
         "image_shape": torch.tensor([s.image_shape for s in samples], dtype=torch.long),
+        "scale": torch.tensor([s.scale for s in samples], dtype=torch.float32),
         "meta": [s.meta for s in samples],
     }
     if all(s.target is not None for s in samples):

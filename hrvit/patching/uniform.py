@@ -11,17 +11,26 @@ from hrvit.errors import DataError
 from hrvit.patching.sequence import IGNORE_INDEX, PatchSequence
 
 
+def check_extent(shape, p: int) -> None:
+    """DataError unless an image of this spatial shape can be patched with base size p: a 2-D image must be at
+    least p on every axis; a volume on one axis at least (a thin scan, e.g. 12 slices with p = 16, is one patch
+    thick, padded past its end with zeros and IGNORE_INDEX, as edge patches are)."""
+    shape = tuple(int(s) for s in shape)
+    if min(shape) < 1 or (max(shape) if len(shape) == 3 else min(shape)) < p:
+        raise DataError(f"image of shape {shape} is smaller than one patch ({p} px)")
+
+
 def patch_uniform(image: torch.Tensor, patch_size: int, target: torch.Tensor | None = None) -> PatchSequence:
     """Cut `image` [C, *S] into a raster grid of p-sized tokens (S need not divide by p).
 
     Edge tokens that reach past the image keep their full p-sized box; the part outside is
-    zero in `pixels` and IGNORE_INDEX in `target`, so it never counts as data.
+    zero in `pixels` and IGNORE_INDEX in `target`, so it never counts as data. A volume thinner
+    than p along an axis (check_extent) is one token thick there, padded the same way.
     """
     p = patch_size
     shape = tuple(image.shape[1:])
     ndim = len(shape)
-    if min(shape) < p:
-        raise DataError(f"image of shape {shape} is smaller than one patch ({p} px)")
+    check_extent(shape, p)
     grid = [math.ceil(s / p) for s in shape]
     pad = [g * p - s for g, s in zip(grid, shape)]
     flat_pad = [v for amount in reversed(pad) for v in (0, amount)]
