@@ -84,3 +84,23 @@ def test_a_corrupt_pickle_record_of_unchanged_size_is_found(tmp_path):
     path.write_bytes(data)
     bad, why = damaged_file(ckpt)
     assert bad == path and f"Bad CRC-32 for file '{info.filename}'" in why, why
+
+
+def test_a_folder_holding_another_run_is_refused_before_the_data_checks(tmp_path):
+    """check_run_dir (called before the minutes-long scans of a gigapixel slide): a folder with a run's metrics is
+    refused unless resumed; one whose run failed before its first checkpoint (FAILED) may be reused."""
+    import pytest
+
+    from hrvit.config import load_config
+    from hrvit.engine.trainer import FAILED, check_run_dir
+    from hrvit.errors import ConfigError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    cfg = load_config("launch/recipes/quickstart.yaml", [f"output.dir={run}"])
+    with pytest.raises(ConfigError, match="already holds a run; set train.resume=auto"):
+        check_run_dir(cfg)
+    assert check_run_dir(load_config("launch/recipes/quickstart.yaml", [f"output.dir={run}", "train.resume=auto"]))
+    (run / FAILED).write_text("error\n")
+    assert check_run_dir(cfg) == run

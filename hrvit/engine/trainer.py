@@ -64,7 +64,7 @@ RUN_FILES = ("metrics.jsonl", CSV, "environment.json", "config.yaml", "deepspeed
 def prepare_run_dir(cfg: Config) -> Path:
     """Refuse to mix two runs in one folder; a resume continues the run that is there; a run that failed before
     its first checkpoint (FAILED) is replaced."""
-    run = Path(cfg.output.dir)
+    run = check_run_dir(cfg)
     if (run / FAILED).is_file() and latest_checkpoint(run) is None:
         comm.barrier()  # every rank has seen the marker before rank 0 removes it
         if is_main():
@@ -72,7 +72,15 @@ def prepare_run_dir(cfg: Config) -> Path:
                 (run / name).unlink(missing_ok=True)
             shutil.rmtree(run / TENSORBOARD, ignore_errors=True)
         return run
-    if (run / "metrics.jsonl").exists() and cfg.train.resume is None:
+    return run
+
+
+def check_run_dir(cfg: Config) -> Path:
+    """ConfigError when output.dir holds another run and no resume was asked for: checked before the data
+    checks, which can take minutes on a gigapixel slide."""
+    run = Path(cfg.output.dir)
+    failed = (run / FAILED).is_file() and latest_checkpoint(run) is None
+    if not failed and (run / "metrics.jsonl").exists() and cfg.train.resume is None:
         raise ConfigError(f"output.dir: {run} already holds a run; set train.resume=auto to continue it "
                           "or choose another output.dir")
     return run
@@ -396,6 +404,7 @@ def train(cfg: Config) -> dict | None:
     session = start(cfg)
     rank, world, task = session.rank, session.world, session.task
     # Everything that can be wrong with the inputs is found before anything is written.
+    check_run_dir(cfg)
     bad_cases = [] if cfg.data.skip_bad_samples else None
     specs = session.check_data(bad_cases)
     run = prepare_run_dir(cfg)
