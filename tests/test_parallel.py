@@ -46,7 +46,7 @@ def probe(out: Path, *overrides, ranks: int = 1, recipe: str = RECIPE) -> dict:
 
 
 def assert_same_training(ref: dict, got: dict, tol: float = 1e-5, param_tol: float | None = None) -> None:
-    assert sorted(got["losses"]) == sorted(ref["losses"]) == [1, 2, 3, 4, 5]
+    assert sorted(got["losses"]) == sorted(ref["losses"]) == [1, 2, 3]
     for step, loss in ref["losses"].items():
         assert abs(got["losses"][step] - loss) <= tol, (step, ref["losses"], got["losses"])
     first = ref["params"][0]
@@ -97,13 +97,12 @@ MATRIX_REASON = "the full SP matrix runs with HRVIT_SP_MATRIX=1 (about 15 minute
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, checkpoint, patching, ring", [(3, True, "uniform", 1), (2, False, "adaptive", 2)])
+@pytest.mark.parametrize("stage, checkpoint, patching, ring", [(3, True, "adaptive", 2)])
 def test_sp2_training_matches_one_process(references, slides, tmp_path, stage, checkpoint, patching, ring):
-    """SP = 2 (Ulysses, or ring attention) on 2 ranks vs 1 process on the same data, ZeRO 3 and 2 (ZeRO-1: the
-    DP x SP test), 3 steps: losses and every parameter within 1e-5, parameters bit-identical on both SP ranks, the
-    same full-resolution Dice. Activation checkpointing is on in some runs and off in others: both match one
-    process. (Ulysses with ZeRO-2 and 2-D / 3-D Ulysses end to end: the DP x SP test, the model-level tests and
-    HRVIT_SP_MATRIX=1.)"""
+    """SP = 2 as ring attention on 2 ranks vs 1 process on the same data, ZeRO-3 with activation checkpointing
+    and adaptive padding, 3 steps: losses and every parameter within 1e-5, parameters bit-identical on both SP
+    ranks, the same full-resolution Dice. (Every other layout, stage and dimension, and DP x SP: the model-level
+    tests and HRVIT_SP_MATRIX=1.)"""
     got = probe(tmp_path, *SMALL, *PATCHING[patching], f"data.manifest={slides}",
                 f"deepspeed.config=ds_configs/zero{stage}.json", "parallel.sp_size=2", f"parallel.ring={ring}",
                 f"model.checkpoint_activations={str(checkpoint).lower()}", ranks=2)
@@ -130,6 +129,7 @@ def test_ulysses_2_x_ring_2_on_4_ranks_matches_one_process(references, slides, t
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not SP_MATRIX, reason=MATRIX_REASON)
 def test_dp2_x_sp2_on_4_ranks_matches_dp2(slides, tmp_path):
     """4 ranks as 2 data-parallel x 2 sequence-parallel vs 2 data-parallel ranks (ZeRO-1, 2 micro-batches
     accumulated per step): losses and parameters within 1e-5, identical on all 4 ranks."""
@@ -201,9 +201,9 @@ def test_bf16_training_stays_close_to_fp32(references, slides, tmp_path):
     """bf16 through the DeepSpeed config (DeepSpeed's CPU accelerator trains in it) against the fp32 run of the
     same 3 steps: losses within 5e-3 (measured: 8e-4), parameters within 1e-2 (bf16 rounds a weight of size 1
     to about 4e-3; measured: 3.9e-3), full-resolution Dice within 0.02."""
-    ref = references("uniform")
-    got = probe(tmp_path, *SMALL, f"data.manifest={slides}", "deepspeed.config=ds_configs/zero2.json",
-                "deepspeed.overrides.bf16.enabled=true")
+    ref = references("adaptive")  # the SP test's reference: one run fewer
+    got = probe(tmp_path, *SMALL, *PATCHING["adaptive"], f"data.manifest={slides}",
+                "deepspeed.config=ds_configs/zero2.json", "deepspeed.overrides.bf16.enabled=true")
     assert got["summary"]["precision"] == "bf16" and ref["summary"]["precision"] == "fp32"
     assert_same_training(ref, got, tol=5e-3, param_tol=1e-2)
     assert abs(got["summary"]["dice_mean"] - ref["summary"]["dice_mean"]) <= 0.02

@@ -243,3 +243,13 @@ def test_nan_voxels_read_as_zero_train_and_regions_are_scored(tmp_path):
     proc = hrvit("predict", str(run), "data.nonfinite=error", "--input", channels, "--out", str(tmp_path / "pred"),
                  check=False, env=env)
     assert proc.returncode == 2 and "BraTS2021_00002_t2.nii.gz: 11 non-finite voxel(s)" in proc.stderr, proc.stderr
+    # the channels of one case given as separate inputs: one message saying to join them; joined, the prediction
+    # keeps the scan's affine and is written back in BraTS's stored values (4, not 3)
+    proc = hrvit("predict", str(run), "data.nonfinite=zero", "--input", *channels.split(";"), "--out",
+                 str(tmp_path / "sep"), check=False, env=env)
+    assert proc.returncode == 2 and "joined with ';'" in proc.stderr, proc.stderr[-1000:]
+    hrvit("predict", str(run), "data.nonfinite=zero", "--input", channels, "--out", str(tmp_path / "pred"), env=env)
+    pred = nib.load(next((tmp_path / "pred").glob("*_pred.nii.gz")))
+    ref = nib.load(channels.split(";")[0])
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+    assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 4}
