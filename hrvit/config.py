@@ -115,9 +115,9 @@ class PatchingConfig:
     (seeded augmentation)."""
     halo: int = 0
     """Pixels of context around each token, at the token's own scale, taken from its neighbours (overlap-tile):
-    the decoder's full-resolution convolutions then see across token borders (on noisy shapes, halo 2 cut wrong
-    pixels on token borders about 3x and raised Dice; border pixels are still more often wrong than others).
-    Costs ((p + 2 halo) / p)^D of the decoder's finest stage. 0 = each token alone."""
+    the decoder's full-resolution convolutions then see across token borders (it does not remove the seams at
+    token borders yet; at window borders the margin is zeros). Costs ((p + 2 halo) / p)^D of the decoder's
+    finest stage. 0 = each token alone."""
 
 
 @dataclass
