@@ -113,11 +113,6 @@ class PatchingConfig:
     jitter: float = 0.0
     """Adaptive, training only: the scorer's thresholds are multiplied by exp(U(-jitter, jitter)) per sample
     (seeded augmentation)."""
-    halo: int = 0
-    """Pixels of context around each token, at the token's own scale, taken from its neighbours (overlap-tile):
-    the decoder's full-resolution convolutions then see across token borders (it does not remove the seams at
-    token borders yet; at window borders the margin is zeros). Costs ((p + 2 halo) / p)^D of the decoder's
-    finest stage. 0 = each token alone."""
 
 
 @dataclass
@@ -467,8 +462,6 @@ def validate(cfg: Config) -> None:
     need(w is None or (w >= p and w % p == 0),
          f"data.window: {w} must be a multiple of patching.patch_size ({p})")
     _validate_adaptive(cfg.patching, need)
-    need(0 <= cfg.patching.halo <= p // 2, f"patching.halo: {cfg.patching.halo} must lie in [0, "
-         f"patching.patch_size / 2 = {p // 2}]")
     if cfg.task == "classify":
         _validate_ips(cfg.ips, p, need)
         need(cfg.parallel.sp_size == 1, f"parallel.sp_size: {cfg.parallel.sp_size}; task: classify trains on "

@@ -164,6 +164,10 @@ def test_bad_input_gives_one_clear_error():
     nan[0, 5, 7] = float("nan")
     with pytest.raises(DataError, match="NaN"):
         patch_adaptive(nan, cfg)
+    for bad in (float("inf"), -float("inf")):  # the range check (aminmax) sees infinities at either end too
+        nan[0, 5, 7] = bad
+        with pytest.raises(DataError, match="infinite"):
+            patch_adaptive(nan, cfg)
     with pytest.raises(DataError, match="does not match"):
         patch_adaptive(torch.rand(3, 64, 64), cfg, torch.zeros(64, 60, dtype=torch.long))
     with pytest.raises(ConfigError, match="larger than patching.max_leaf"):
@@ -297,3 +301,23 @@ def test_training_and_patchify_through_the_cli(slides, tmp_path):
     bad = hrvit("patchify", image, "--tokens", 64, "--patch-size", 8, "--min-leaf", 32, "--max-leaf", 16,
                 "--out", out, check=False)
     assert bad.returncode == 2 and "larger than patching.max_leaf" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_score_tables_keep_torch_arithmetic():
+    """The detail scorer's faster pieces give torch's and numpy's own values bit for bit (so trees do not move):
+    scores.gradient against torch.gradient (awkward 2-D and 3-D shapes, axes of length 2, float32 and float64),
+    scores.integral against cumsum along every axis."""
+    from hrvit.patching.scores import gradient, integral
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 2), (2, 7), (5, 3), (64, 65), (3, 4, 5), (2, 9, 2), (17, 8, 20)]:
+        for dtype in (torch.float32, torch.float64):
+            x = torch.randn(shape, generator=g, dtype=dtype).mul_(4).exp_().sub_(3)
+            for axis in range(len(shape)):
+                assert torch.equal(gradient(x, axis, torch.empty_like(x)), torch.gradient(x, dim=axis)[0])
+            got = integral(x.float().numpy())
+            want = x.float().numpy().cumsum(0, dtype=np.float64)
+            for axis in range(1, len(shape)):
+                want = want.cumsum(axis)
+            np.testing.assert_array_equal(got[(slice(1, None),) * len(shape)], want)
+            assert not got[0].any() and not got[(slice(None), 0)].any()

@@ -192,3 +192,100 @@ def test_patchify_draws_on_what_it_read_without_a_second_decode(tmp_path):
     assert "picture" not in patch_pyramid(source, cfg).meta  # only on request: training holds nothing more
     expected = a.reshape(300, 2, 400, 2).mean((1, 3)) / 65535
     np.testing.assert_allclose(seq.meta["picture"][0], expected, rtol=1e-5)
+
+
+def test_patchify_cli_without_out_prints_and_writes_statistics_only(tmp_path):
+    """`hrvit patchify FILE --json S` without --out (the benchmark's like-for-like row against the SC24-style
+    reference, which makes no picture): exit 0, the statistics on stdout (flushed although the command skips the
+    interpreter's teardown) and in S, equal to those of patchify drawing the overlay in this process, and no PNG."""
+    from conftest import hrvit
+
+    from hrvit.patching.overlay import patchify
+
+    rgb = (np.random.default_rng(7).random((203, 301, 3)) * 255).astype(np.uint8)
+    rgb[50:150, 80:220] = 200  # a flat block: coarse leaves there
+    path = tmp_path / "flat.tiff"
+    write_pyramid_from_array(path, rgb, tile=64, levels=1)
+    out = tmp_path / "cli"
+    proc = hrvit("patchify", path, "--tokens", 96, "--patch-size", 8, "--json", out / "stats.json")
+    stats = json.loads((out / "stats.json").read_text())
+    assert proc.stdout.startswith(f"{stats['real_tokens']} real tokens of 96 ") and "overlay" not in proc.stdout
+    assert "overlay" not in stats["seconds"] and not list(tmp_path.rglob("*.png"))
+    drawn = patchify(open_image(path), PatchingConfig(mode="adaptive", patch_size=8, tokens=96), tmp_path / "o.png")
+    assert "overlay" in drawn["seconds"] and (tmp_path / "o.png").stat().st_size > 0
+    for key in ("tokens", "real_tokens", "image_shape", "leaves_per_level", "area_fraction_per_level"):
+        assert stats[key] == drawn[key], key
+    assert len(stats["leaves_per_level"]) > 1
+
+
+class _CountingSlide(SlideSource):
+    """A SlideSource that counts its float reads of level 0 (instrumentation of the source, not of the patcher)."""
+
+    float_reads = 0
+
+    def read_level(self, level, start, size):
+        self.float_reads += level == 0
+        return super().read_level(level, start, size)
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_single_level_file_patched_from_bytes_is_bit_identical(tmp_path, compression):
+    """A single-level 8-bit file is patched from its decoded bytes (read_stored), never from a float copy of the
+    image, and gives exactly (torch.equal, not allclose) the tree, tokens, scores, labels and overview that
+    patch_adaptive gives on read_level's float pixels: awkward sizes, working-map pools of 4 and 2 (p = 8; p = 4)
+    and of 1 (p = 2: the bytes converted whole), both scorers, a tissue mask, an overview finer than the working
+    map."""
+    for shape in ((301, 203), (203, 301)) if compression == "jpeg" else ((301, 203),):
+        image, _ = _image(shape, 3, seed=sum(shape))
+        rgb = (image.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        path = _tiff(tmp_path / f"{shape[0]}.tiff", rgb, compression=compression)
+        label_array = _stripes(shape)
+        label = open_label(_tiff(tmp_path / f"{shape[0]}-label.tiff", label_array))
+        decoded = torch.from_numpy(SlideSource(path).read((0, 0), shape))
+        for p, scorer, picture in ((8, "edge", 100), (4, "variance", 250), (2, "edge", 100)):
+            cfg = PatchingConfig(mode="adaptive", patch_size=p, tokens=299, scorer=scorer,
+                                 tissue_mask=scorer == "variance")
+            labels = (torch.from_numpy(label_array.astype(np.int64)), label) if p == 8 else (None, None)
+            memory = patch_adaptive(decoded, cfg, labels[0], picture=picture)
+            source = _CountingSlide(path)
+            seq = patch_pyramid(source, cfg, label=labels[1], picture=picture)
+            assert source.float_reads == 0, (shape, p)
+            for field in ("boxes", "pixels", "score", "target", "level", "valid"):
+                assert torch.equal(getattr(seq, field), getattr(memory, field)) if p == 8 or field != "target" \
+                    else seq.target is memory.target is None, (shape, p, field)
+            np.testing.assert_array_equal(seq.meta["picture"], memory.meta["picture"])
+
+
+def test_read_stored_is_what_read_level_scales(tmp_path):
+    """read_stored gives the stored values ([h, w, C], file dtype, 0 outside the image) and the factor read_level
+    multiplies them by, bit for bit: 8-bit RGB through SlideSource's tifffile path, 16-bit greyscale through
+    TiffSource, regions inside and sticking out of the image."""
+    from hrvit.data.sources import TiffSource
+
+    rgb = np.random.default_rng(3).integers(0, 256, (150, 97, 3), dtype=np.uint8)
+    grey = np.random.default_rng(4).integers(0, 65536, (150, 97), dtype=np.uint16)
+    rgb_source = SlideSource(_tiff(tmp_path / "rgb.tiff", rgb, "jpeg"))
+    for source, dtype in ((rgb_source, np.uint8), (TiffSource(_tiff(tmp_path / "g.tif", grey)), np.uint16)):
+        for start, size in (((0, 0), (150, 97)), ((13, 70), (64, 40)), ((-5, 90), (20, 20))):
+            stored, scale = source.read_stored(0, start, size)
+            assert stored.shape == (*size, source.channels) and stored.dtype == dtype
+            floats = np.multiply(stored.transpose(2, 0, 1), np.float32(scale), dtype=np.float32)
+            np.testing.assert_array_equal(floats, source.read_level(0, start, size))
+    assert SlideSource(tmp_path / "rgb.tiff", tifffile=False).read_stored(0, (0, 0), (8, 8)) is None  # openslide
+
+
+@pytest.mark.parametrize("shape", [(67, 130, 3), (130, 67, 2), (5, 9, 1), (64, 64, 3)])
+def test_stored_working_maps_equal_torch_pooling(monkeypatch, shape):
+    """The working maps pooled strip by strip from bytes (strided float32 adds in avg_pool2d's order, torch's own
+    pooling for blocks the edge cuts) equal working_maps on the float image bit for bit, for pools of 2 and 4 and
+    a further pooling after them, with several strips (STRIP_ROWS 8) and one."""
+    from hrvit.patching import adaptive
+
+    raw = torch.from_numpy(np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8))
+    image = adaptive.StoredImage(raw, 1 / 255)
+    for rows in (8, 64):
+        monkeypatch.setattr(adaptive, "STRIP_ROWS", rows)
+        for w in (2, 4, 8, 12):
+            want = adaptive.working_maps(image.floats(), w)
+            got = adaptive.stored_working_maps(image, w)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (rows, w)

@@ -10,11 +10,16 @@
   own; time, pixels read per level and the share of level-0 pixels read;
 - a file against memory (--file-only runs just this): the 8192^2 image as a single-level tiled JPEG TIFF
   into L = 10201 tokens of p = 8, side by side in one run: `hrvit patchify` on the file (a subprocess,
-  one thread; its start-up measured alone too), patch_pyramid on the file in this process, the decode
-  alone (open_image(file).read_level, the reader the CLI uses: tifffile for a generic 8-bit RGB TIFF; openslide's
-  own decode is shown beside it), patch_adaptive on the decoded image alone, and an SC24-style reference written
-  from the paper's description (below), which decodes the file with the same reader; its ratio is given with
-  and without the decode, which both sides share.
+  one thread; statistics only, as the reference makes no picture, and again with --out, the overlay PNG; its
+  start-up measured alone too), patch_pyramid on the file in this process, the decode
+  alone (open_image(file).read_level, float32, the reader the CLI used to patch through: tifffile for a generic
+  8-bit RGB TIFF; openslide's own decode is shown beside it), the decode to the stored bytes alone (read_stored,
+  what patch_pyramid reads a single-level file with now), patch_adaptive on the float image alone, and an
+  SC24-style reference written from the paper's description (below), which decodes the file with read_level as
+  before; its ratio is given end to end and without the decode (against the in-memory patching, which starts
+  from the same float image, and against patch_pyramid less its own decode to bytes).
+  The reference's edge map is Canny (OpenCV, `pip install opencv-python-headless`, one thread) when cv2 imports,
+  else a Sobel stand-in; the table says which ran.
 
 Times are the best of --repeat runs (the machine may be shared). Test images are generated once into
 --cache (the 64K^2 slide takes minutes); hrvit.data.synthetic makes them, so they are the same everywhere.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -51,6 +57,20 @@ def best(fn, repeat):
         out = fn()
         times.append(time.perf_counter() - tick)
     return min(times), out
+
+
+def timed(fn, repeat):
+    """(best wall seconds, best CPU seconds, last result) of `repeat` runs. CPU time is this process's user + system
+    time plus that of children it waited for (os.times), so a subprocess counts too: on a shared machine it moves far
+    less than wall time (one thread here, so CPU time is the work done)."""
+    walls, cpus, out = [], [], None
+    for _ in range(repeat):
+        t0, w0 = os.times(), time.perf_counter()
+        out = fn()
+        t1, w1 = os.times(), time.perf_counter()
+        walls.append(w1 - w0)
+        cpus.append(sum(t1[:4]) - sum(t0[:4]))
+    return min(walls), min(cpus), out
 
 
 def image_8k(cache: Path) -> torch.Tensor:
@@ -140,9 +160,33 @@ def in_memory(cache: Path, repeat: int) -> list[tuple]:
     return rows
 
 
+def edges_canny(image: torch.Tensor) -> np.ndarray | None:
+    """The reference's edge map as the paper makes it, when OpenCV is installed (None otherwise): the grey image
+    (channel mean) in 8 bits, a 5 x 5 Gaussian blur (Canny's first step; cv2.Canny itself does not smooth), then
+    cv2.Canny with thresholds 100 and 200; uint8, nonzero on edges. The grey image is made 64 rows at a time in
+    numpy (0.17 s at 8192^2 here, against 0.6 s for torch's mean over the whole image), so the reference pays no
+    more than it must for starting from read_level's float32 image."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    cv2.setNumThreads(1)
+    x = image.numpy()
+    grey = np.empty(x.shape[1:], np.uint8)
+    acc = np.empty((64, x.shape[2]), np.float32)
+    for y in range(0, x.shape[1], 64):
+        a = acc[:min(64, x.shape[1] - y)]
+        np.add(x[0, y:y + 64], x[1, y:y + 64], out=a)
+        for c in range(2, x.shape[0]):
+            a += x[c, y:y + 64]
+        a *= np.float32(255 / x.shape[0])
+        grey[y:y + 64] = np.rint(a, out=a)
+    return cv2.Canny(cv2.GaussianBlur(grey, (5, 5), 0), 100, 200)
+
+
 def edges_sobel(image: torch.Tensor) -> torch.Tensor:
-    """The reference's edge map. Neither scikit-image nor OpenCV is installed here, so instead of Canny: Sobel
-    gradient magnitude of the grey image (channel mean), thresholded at 0.25 of the image's range per pixel."""
+    """The reference's edge map without OpenCV (and without scikit-image), instead of Canny: Sobel gradient
+    magnitude of the grey image (channel mean), thresholded at 0.25 of the image's range per pixel."""
     grey = image.mean(0)
     g = F.pad(grey[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
     smooth_y = g[:-2] + 2 * g[1:-1] + g[2:]  # separable 3 x 3 Sobel, by slices (conv2d is 10x slower here)
@@ -153,13 +197,15 @@ def edges_sobel(image: torch.Tensor) -> torch.Tensor:
 
 
 def sc24_reference(image: torch.Tensor, p: int, tokens: int) -> np.ndarray:
-    """SC24-style adaptive patching as the paper describes it (written here, not its code): an edge map, then
-    best-first: repeatedly split the leaf with the most edge pixels into four, each child's count summed from the
-    edge map over its region, until `tokens` leaves; then every leaf area-resampled to p x p. Square images with
-    a power-of-two side only (the benchmark's). Returns [n, C, p, p]."""
+    """SC24-style adaptive patching as the paper describes it (written here, not its code): an edge map (Canny when
+    OpenCV is installed, else Sobel), then best-first: repeatedly split the leaf with the most edge pixels into
+    four, each child's count summed from the edge map over its region, until `tokens` leaves; then every leaf
+    area-resampled to p x p. Square images with a power-of-two side only (the benchmark's). Returns [n, C, p, p]."""
     import heapq
 
-    edges = edges_sobel(image)
+    edges = edges_canny(image)
+    if edges is None:
+        edges = edges_sobel(image)
     side = image.shape[1]
     heap = [(-int(edges.sum()), 0, 0, side)]
     leaves = []
@@ -182,8 +228,8 @@ def sc24_reference(image: torch.Tensor, p: int, tokens: int) -> np.ndarray:
 
 def file_vs_memory(cache: Path, repeat: int) -> list[tuple]:
     """The 8192^2 image as a single-level tiled TIFF: the CLI, patch_pyramid, decode, in-memory patching and the
-    SC24-style reference, side by side (one thread each)."""
-    import os
+    SC24-style reference, side by side (one thread each); wall time and CPU time (in brackets), each the best of
+    `repeat`, and every ratio in both."""
     import tempfile
 
     from hrvit.data import SlideSource, open_image, write_pyramid_from_array
@@ -197,42 +243,74 @@ def file_vs_memory(cache: Path, repeat: int) -> list[tuple]:
     cfg = PatchingConfig(mode="adaptive", patch_size=p, tokens=tokens)
     source = open_image(path)
     reader = "tifffile" if getattr(source, "tiles", None) is not None else "openslide"
-    decode, image = best(lambda: torch.from_numpy(open_image(path).read_level(0, (0, 0), source.shape)), repeat)
+    decode = timed(lambda: torch.from_numpy(open_image(path).read_level(0, (0, 0), source.shape)), repeat)
+    image = decode[2]
+    stored = timed(lambda: open_image(path).read_stored(0, (0, 0), source.shape)[1], repeat)
     opens = SlideSource(path, tifffile=False)
-    decode_openslide, _ = best(lambda: opens.read_level(0, (0, 0), source.shape), repeat)
-    del _
-    memory, _ = best(lambda: patch_adaptive(image, cfg), repeat)
-    pyramid, seq = best(lambda: patch_pyramid(open_image(path), cfg), repeat)
-    reference, ref = best(lambda: sc24_reference(image, p, tokens), max(1, repeat // 2))
+    decode_openslide = timed(lambda: opens.read_level(0, (0, 0), source.shape).shape, repeat)
+    memory = timed(lambda: patch_adaptive(image, cfg).real_tokens, repeat)
+    pyramid = timed(lambda: patch_pyramid(open_image(path), cfg), repeat)
+    seq = pyramid[2]
+    reference = timed(lambda: sc24_reference(image, p, tokens), max(1, repeat // 2))
+    try:
+        import cv2
+
+        edge_map = f"Canny (OpenCV {cv2.__version__}: grey, 5 x 5 Gaussian blur, thresholds 100/200)"
+    except ImportError:
+        edge_map = "Sobel (OpenCV absent: a stand-in for Canny)"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     exe = Path(sys.executable).with_name("hrvit")
     with tempfile.TemporaryDirectory() as tmp:
         command = [str(exe), "patchify", str(path), "--tokens", str(tokens), "--patch-size", str(p),
-                   "--out", f"{tmp}/overlay.png", "--json", f"{tmp}/stats.json"]
-        cli, _ = best(lambda: subprocess.run(command, env=env, check=True, capture_output=True), repeat)
+                   "--json", f"{tmp}/stats.json"]
+        cli = timed(lambda: subprocess.run(command, env=env, check=True, capture_output=True), repeat)
         stages = json.loads(Path(f"{tmp}/stats.json").read_text())["seconds"]
-    startup, _ = best(lambda: subprocess.run([sys.executable, "-c", "import hrvit.cli, hrvit.patching.overlay, torch, "
-                                              "openslide"], env=env, check=True), repeat)
-    base = decode + memory
-    cli_own = cli - startup
-    print("$ OMP_NUM_THREADS=1 " + " ".join(command[:7]) + " --out overlay.png --json stats.json", flush=True)
+        drawn = timed(lambda: subprocess.run(command + ["--out", f"{tmp}/overlay.png"], env=env, check=True,
+                                             capture_output=True), repeat)
+        drawn_stages = json.loads(Path(f"{tmp}/stats.json").read_text())["seconds"]
+    # python and the modules `hrvit patchify` imports, ended the way the CLI ends (os._exit: no interpreter teardown),
+    # so that "without start-up" takes off no more than the CLI pays
+    startup = timed(lambda: subprocess.run([sys.executable, "-c", "import os, hrvit.cli, hrvit.config, hrvit.data, "
+                                            "hrvit.patching.overlay, torch, openslide; os._exit(0)"], env=env,
+                                           check=True), repeat)
+    print("$ OMP_NUM_THREADS=1 " + " ".join(command[:7]) + " --json stats.json [--out overlay.png]", flush=True)
+
+    def both(f, digits=2):  # one figure as "wall (CPU)"
+        return f"{f(0):.{digits}f} ({f(1):.{digits}f})"
+
+    base = [decode[i] + memory[i] for i in (0, 1)]
+    cli_own = [cli[i] - startup[i] for i in (0, 1)]
+    drawn_own = [drawn[i] - startup[i] for i in (0, 1)]
+    ref = [decode[i] + reference[i] for i in (0, 1)]
     return [
-        (f"8192^2 single-level JPEG TIFF -> L={tokens} (p={p}; {seq.real_tokens} real): decode alone "
-         f"(open_image: {type(source).__name__} through {reader})", f"{decode:.2f} s", "-",
-         f"openslide's own decode of the same file: {decode_openslide:.2f} s"),
-        ("in-memory patching alone (patch_adaptive on the decoded image)", f"{memory:.2f} s", "-", ""),
-        ("patch_pyramid on the file", f"{pyramid:.2f} s = {pyramid / base:.2f} x (decode + in-memory)", "<= 1.5 x",
-         "stages: " + ", ".join(f"{k} {v:.2f}" for k, v in seq.meta["seconds"].items())),
-        ("`hrvit patchify` on the file (subprocess)", f"{cli:.2f} s wall = {cli / base:.2f} x (decode + in-memory); "
-         f"{cli_own:.2f} s without start-up = {cli_own / base:.2f} x", "<= 1.5 x",
-         f"start-up (imports) {startup:.2f} s; overlay drawn on the overview patch_pyramid made (no second decode); "
-         "its stages: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())),
-        (f"SC24-style reference on the file, same reader (decode + Sobel edges + best-first by edge count + area "
-         f"resample; {len(ref)} leaves)", f"{decode + reference:.2f} s ({reference:.2f} s after the decode) = "
-         f"{(decode + reference) / pyramid:.1f} x patch_pyramid, {(decode + reference) / cli_own:.1f} x the CLI "
-         f"without start-up, {(decode + reference) / cli:.1f} x the CLI wall", ">= 3 x",
-         f"without the shared decode: {reference / memory:.1f} x the in-memory patching, "
-         f"{reference / max(pyramid - decode, 1e-9):.1f} x patch_pyramid minus the decode"),
+        (f"8192^2 single-level JPEG TIFF -> L={tokens} (p={p}; {seq.real_tokens} real): decode alone, float32 "
+         f"(read_level; open_image: {type(source).__name__} through {reader})", both(lambda i: decode[i]) + " s",
+         "-", f"openslide's own decode of the same file: {both(lambda i: decode_openslide[i])} s"),
+        ("decode to the stored bytes alone (read_stored: uint8, what patch_pyramid reads a single-level file with)",
+         both(lambda i: stored[i]) + " s", "-", ""),
+        ("in-memory patching alone (patch_adaptive on the float32 image)", both(lambda i: memory[i]) + " s", "-", ""),
+        ("patch_pyramid on the file", f"{both(lambda i: pyramid[i])} s = {both(lambda i: pyramid[i] / base[i])} x "
+         "(decode + in-memory)", "<= 1.5 x",
+         "stages (wall): " + ", ".join(f"{k} {v:.2f}" for k, v in seq.meta["seconds"].items())),
+        ("`hrvit patchify` on the file (subprocess; statistics only, no --out: the tree, as the reference makes)",
+         f"{both(lambda i: cli[i])} s = {both(lambda i: cli[i] / base[i])} x (decode + in-memory); "
+         f"{both(lambda i: cli_own[i])} s without start-up = {both(lambda i: cli_own[i] / base[i])} x", "<= 1.5 x",
+         f"start-up (python + imports, measured alone) {both(lambda i: startup[i])} s; its stages (wall): "
+         + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())),
+        ("`hrvit patchify --out overlay.png` on the file (the same, plus the 2048^2 overlay PNG)",
+         f"{both(lambda i: drawn[i])} s; {both(lambda i: drawn_own[i])} s without start-up = "
+         f"{both(lambda i: drawn_own[i] / base[i])} x (decode + in-memory)", "-",
+         "overlay drawn on the overview patch_pyramid made (no second decode); stages (wall): "
+         + ", ".join(f"{k} {v:.2f}" for k, v in drawn_stages.items())),
+        (f"SC24-style reference on the file (read_level decode + {edge_map} + best-first by edge count + area "
+         f"resample; {len(reference[2])} leaves)", f"{both(lambda i: ref[i])} s ({both(lambda i: reference[i])} s "
+         f"after the decode) = {both(lambda i: ref[i] / pyramid[i], 1)} x patch_pyramid, "
+         f"{both(lambda i: ref[i] / cli_own[i], 1)} x the CLI without start-up, {both(lambda i: ref[i] / cli[i], 1)} x "
+         f"the CLI with it; {both(lambda i: ref[i] / drawn_own[i], 1)} x the CLI with --out, without start-up",
+         ">= 3 x",
+         f"without the decode: {both(lambda i: reference[i] / memory[i], 1)} x the in-memory patching (both from "
+         f"the float32 image), {both(lambda i: reference[i] / max(pyramid[i] - stored[i], 1e-9), 1)} x "
+         "patch_pyramid less its decode to bytes"),
     ]
 
 
@@ -265,7 +343,8 @@ def main() -> None:
                      {4096: "<= 5 %, < 1 GB", 16384: "-"}[tokens] if size == 16384 else "< 2 GB",
                      "pixels read per level: " + ", ".join(f"{k}: {v}" for k, v in r["pixels_read"].items())))
 
-    print(f"\nadaptive patching, one CPU core (torch threads 1), best of {args.repeat} (pyramid-native: as marked)\n")
+    print(f"\nadaptive patching, one CPU core (torch threads 1), best of {args.repeat} (pyramid-native: as marked); "
+          "the file rows: wall s (CPU s)\n")
     print("| what | measured | target | notes |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

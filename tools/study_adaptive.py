@@ -46,10 +46,50 @@ from hrvit.engine.session import class_names, find_cases, task_for  # noqa: E402
 from hrvit.patching import collate  # noqa: E402
 
 
+def study_config(manifest: Path, mode: str, tokens: int, seed: int, overrides: list[str] = ()):
+    """The quick-start recipe on `manifest`, whole slides, one sample per step (tools/study_baselines.py
+    overrides the window and the classes)."""
+    return load_config(REPO / "launch/recipes/quickstart.yaml",
+                       [f"data.manifest={manifest}", "data.window=null", f"patching.mode={mode}",
+                        f"patching.tokens={tokens}", "train.micro_batch=1", f"train.seed={seed}", *overrides])
+
+
+def set_lr(opt: torch.optim.Optimizer, cfg, frac: float, lr: float | None = None) -> None:
+    """Schedule by the fraction of the budget spent: 5 % linear warm-up, then cosine to train.min_lr_ratio."""
+    low = cfg.train.min_lr_ratio
+    scale = frac / 0.05 if frac < 0.05 else low + (1 - low) * 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95))
+    for group in opt.param_groups:
+        group["lr"] = (lr or cfg.train.lr) * max(scale, 0.02)
+
+
+def train_step(model, opt: torch.optim.Optimizer, cfg, batch: dict) -> int:
+    """One update of hrvit's model on a collated batch (loss on the valid tokens); returns the real tokens."""
+    logits = model(batch["pixels"], batch["boxes"], batch["valid"], batch["scale"])
+    valid = batch["valid"]
+    loss = segmentation_loss(logits[valid], batch["target"][valid], cfg.train.dice_weight, cfg.train.ce_weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    opt.step()
+    return int(valid.sum())
+
+
+def held_out_dice(model, cfg, specs, overlap: float = 0.0) -> dict:
+    """Full-resolution Dice of the held-out (val) cases with evaluation's own code (summarize's dict)."""
+    model.eval()
+    per_case = {}
+    for spec in [s for s in specs if s.split == "val"]:
+        case = open_case(spec, num_classes=cfg.data.num_classes)
+        per_case[spec.id], _ = case_dice_counts(model, case, window=cfg.data.window, patching=cfg.patching,
+                                                batch=cfg.eval.batch if overlap else 1,
+                                                num_classes=cfg.data.num_classes, overlap=overlap,
+                                                blend=cfg.eval.blend)
+    model.train()
+    return summarize(per_case, class_names(cfg))
+
+
 def run(manifest: Path, mode: str, tokens: int, budget: float, seed: int) -> dict:
-    cfg = load_config(REPO / "launch/recipes/quickstart.yaml",
-                      [f"data.manifest={manifest}", "data.window=null", f"patching.mode={mode}",
-                       f"patching.tokens={tokens}", "train.micro_batch=1", f"train.seed={seed}"])
+    cfg = study_config(manifest, mode, tokens, seed)
     specs = find_cases(cfg)
     train = [s for s in specs if s.split == "train"]
     torch.manual_seed(seed)
@@ -65,31 +105,14 @@ def run(manifest: Path, mode: str, tokens: int, budget: float, seed: int) -> dic
     step = 0
     while (elapsed := time.perf_counter() - start) < budget:
         tick, cpu = time.perf_counter(), time.process_time()
-        frac = elapsed / budget  # schedule by time: 5 % linear warm-up, then cosine to min_lr_ratio
-        low = cfg.train.min_lr_ratio
-        scale = frac / 0.05 if frac < 0.05 else low + (1 - low) * 0.5 * (1 + math.cos(math.pi * (frac - 0.05) / 0.95))
-        for group in opt.param_groups:
-            group["lr"] = cfg.train.lr * max(scale, 0.02)
+        set_lr(opt, cfg, elapsed / budget)
         batch = next(batches)
-        logits = model(batch["pixels"], batch["boxes"], batch["valid"], batch["scale"])
-        valid = batch["valid"]
-        loss = segmentation_loss(logits[valid], batch["target"][valid], cfg.train.dice_weight, cfg.train.ce_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
+        real.append(train_step(model, opt, cfg, batch))
         step_times.append(time.perf_counter() - tick)
         cpu_times.append(time.process_time() - cpu)
-        real.append(int(valid.sum()))
         step += 1
-    model.eval()
-    per_case = {}
     tick = time.perf_counter()
-    for spec in [s for s in specs if s.split == "val"]:
-        case = open_case(spec, num_classes=cfg.data.num_classes)
-        per_case[spec.id], _ = case_dice_counts(model, case, window=None, patching=cfg.patching, batch=1,
-                                                num_classes=cfg.data.num_classes)
-    result = summarize(per_case, class_names(cfg))
+    result = held_out_dice(model, cfg, specs)
     return {"mode": mode, "tokens": len(batch["valid"][0]), "real_tokens": statistics.mean(real), "steps": step,
             "step_s": statistics.median(step_times[1:] or step_times),
             "cpu_s": statistics.median(cpu_times[1:] or cpu_times), "dice": result["dice_mean"],

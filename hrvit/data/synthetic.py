@@ -14,6 +14,14 @@ come from the seed, texture is value noise on a hashed integer lattice, so any t
 level is computed on its own and a 64K^2 slide never sits in memory. Texture octaves finer than a
 level's pixel fade to their mean, so level l looks like level 0 area-downsampled by 2^l.
 
+The "context" family (FAMILY_CLASSES["context"]) needs the whole slide to be labelled: tissue covers
+the slide, a thin dark capsule (a wobbly ring of radius 0.25-0.32 of the short side) crosses it, and
+lesions of one purple texture lie on both sides of it; a lesion is 1 tumour inside the capsule and
+2 benign outside. Lesions come in twins, one inside and one outside, with the same shape and texture
+(keyed by lesion-local coordinates), placed a multiple of CONTEXT_PERIOD apart in a stroma whose texture
+repeats every CONTEXT_PERIOD pixels: a window that holds a twin and no capsule has the same pixels as
+the window at the other twin, with the other label, so no single window can decide the labels.
+
 Volumes follow BraTS-2021: four MRI channels (t1, t1ce, t2, flair) of a skull-stripped head with a
 tumour of nested regions, labels {0, 2 edema, 1 core, 4 enhancing} (whole tumour {1,2,4} ⊃ core
 {1,4} ⊃ enhancing {4}), each channel with its own contrasts, noise and smooth bias field.
@@ -30,9 +38,17 @@ import numpy as np
 
 from hrvit.data.sources import write_nifti
 from hrvit.data.tiff import write_pyramid
+from hrvit.errors import ConfigError
 
 SLIDE_CLASSES = ("background", "tumour", "gland")
-"""Label value i of a synthetic slide mask is SLIDE_CLASSES[i]."""
+"""Label value i of a synthetic slide mask is SLIDE_CLASSES[i] (the "easy" family)."""
+
+FAMILY_CLASSES = {"easy": SLIDE_CLASSES, "context": ("background", "tumour", "benign")}
+"""Class names of each synthetic slide family, label value i = name i."""
+
+CONTEXT_PERIOD = 128
+"""The context family's stroma repeats every CONTEXT_PERIOD level-0 pixels and twin lesions sit a multiple of it
+apart (a power of two, so twins also line up on every pyramid level up to log2 of it)."""
 
 BRATS_CHANNELS = ("t1", "t1ce", "t2", "flair")
 
@@ -41,6 +57,7 @@ GLASS = (242, 241, 246)
 STROMA, STROMA_FIBRE, STROMA_NUCLEUS = (238, 170, 205), (-35, -60, -30), (125, 60, 150)
 TUMOUR, TUMOUR_NUCLEUS = (180, 120, 195), (70, 30, 115)
 RIM, LUMEN = (60, 55, 140), (205, 222, 250)
+CAPSULE = (150, 45, 105)  # dense collagen: a deep pink-violet band, darker than stroma, redder than lesions
 
 
 # --- value noise on a hashed lattice -------------------------------------------------------------
@@ -73,9 +90,11 @@ def _interp(t: np.ndarray) -> tuple[np.ndarray, int]:
     return m, i0
 
 
-def noise2(ys: np.ndarray, xs: np.ndarray, ly: float, lx: float, key: int) -> np.ndarray:
+def noise2(ys: np.ndarray, xs: np.ndarray, ly: float, lx: float, key: int, period: int | None = None) -> np.ndarray:
     """Value noise [len(ys), len(xs)] in about [-1, 1], wavelength (ly, lx) pixels, on a grid of
-    increasing coordinates; separable interpolation (gathers, not BLAS, so it threads well)."""
+    increasing coordinates; separable interpolation (gathers, not BLAS, so it threads well). With `period` (ly and lx
+    must divide it) the lattice wraps every `period` pixels, so the texture repeats exactly with that period; with
+    power-of-two wavelengths a shift by the period changes no bit of the result."""
 
     def weights(t):
         i = np.floor(t).astype(np.int64)
@@ -84,7 +103,10 @@ def noise2(ys: np.ndarray, xs: np.ndarray, ly: float, lx: float, key: int) -> np
 
     (iy, fy), (ix, fx) = weights(ys / ly), weights(xs / lx)
     y0, x0 = int(iy[0]), int(ix[0])
-    g = _hash(key, np.arange(y0, iy[-1] + 2)[:, None], np.arange(x0, ix[-1] + 2)[None, :])
+    rows, cols = np.arange(y0, iy[-1] + 2), np.arange(x0, ix[-1] + 2)
+    if period is not None:
+        rows, cols = rows % (period // ly), cols % (period // lx)
+    g = _hash(key, rows[:, None], cols[None, :])
     iy, ix = iy - y0, ix - x0
     a = g[iy] * (1 - fy)[:, None] + g[iy + 1] * fy[:, None]
     return a[:, ix] * (1 - fx) + a[:, ix + 1] * fx
@@ -117,16 +139,29 @@ def _coverage(a: float, b: float) -> float:
 # --- slides --------------------------------------------------------------------------------------
 
 
-class SyntheticSlide:
-    """One procedural slide: image(level, y0, x0, h, w) -> uint8 [h, w, 3], label(...) -> uint8 [h, w]."""
+def _check_family(family: str) -> str:
+    if family not in FAMILY_CLASSES:
+        raise ConfigError(f"family: unknown synthetic slide family {family!r}; expected one of "
+                          f"{', '.join(FAMILY_CLASSES)}")
+    return family
 
-    def __init__(self, size: int | tuple[int, int], seed: int = 0):
+
+class SyntheticSlide:
+    """One procedural slide: image(level, y0, x0, h, w) -> uint8 [h, w, 3], label(...) -> uint8 [h, w].
+    family: "easy" (labels from local texture) or "context" (labels from the slide-wide capsule)."""
+
+    def __init__(self, size: int | tuple[int, int], seed: int = 0, family: str = "easy"):
         self.shape = (int(size),) * 2 if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
         self.seed = int(seed)
+        self.family = _check_family(family)
+        self.classes = FAMILY_CLASSES[family]
         rng = np.random.default_rng(self.seed)
         H, W = self.shape
         s = float(np.sqrt(H * W))
         self.scale = s
+        if family == "context":
+            self._init_context(rng)
+            return
         self.key = int(rng.integers(2**31))
         self.stain = rng.uniform(-10, 10, 3).astype(np.float32)  # per-slide colour cast
 
@@ -217,6 +252,8 @@ class SyntheticSlide:
 
     def label(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """uint8 [h, w] classes at the level's pixel centres (nearest sampling, no blending)."""
+        if self.family == "context":
+            return self._context_label(level, y0, x0, h, w)
         ys, xs, _ = self._coords(level, y0, x0, h, w)
         out = np.zeros((h, w), np.uint8)
         tissue = self._tissue_sd(ys, xs, 0.0)
@@ -231,6 +268,8 @@ class SyntheticSlide:
 
     def image(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """uint8 [h, w, 3] RGB; texture finer than the level's pixel is replaced by its mean."""
+        if self.family == "context":
+            return self._context_image(level, y0, x0, h, w)
         ys, xs, ds = self._coords(level, y0, x0, h, w)
         k = self.key
 
@@ -283,6 +322,153 @@ class SyntheticSlide:
             c = c + self.stain * t_alpha[..., None]
         return np.clip(c + 0.5, 0, 255).astype(np.uint8)
 
+    # the context family --------------------------------------------------------------------------
+
+    def _init_context(self, rng: np.random.Generator) -> None:
+        """Capsule (centre, radius, meander, half thickness) and twin lesions (y, x, radius, key, class): each
+        lesion inside the capsule gets a twin outside it, a multiple of CONTEXT_PERIOD away, clear of the capsule,
+        of the slide's edge and of every other lesion. Centres are whole pixels, so twins' local coordinates are
+        equal bit for bit. The capsule meanders (by 0.18 R at a wavelength of 0.5 R), so the piece of it a window
+        sees is bent either way, not always round the inside as a circle's would be."""
+        H, W = self.shape
+        s, m, P = self.scale, min(self.shape), CONTEXT_PERIOD
+        self.key = int(rng.integers(2**31))
+        self.stain = rng.uniform(-10, 10, 3).astype(np.float32)
+        cy, cx = H / 2 + rng.uniform(-0.1, 0.1) * m, W / 2 + rng.uniform(-0.1, 0.1) * m
+        R = rng.uniform(0.25, 0.32) * m
+        self.capsule = (cy, cx, R)
+        self.capsule_amp, self.capsule_lam = 0.18 * R, 0.5 * R
+        self.capsule_half = max(2.0, 0.008 * m)
+        gap = 0.03 * m  # clearance between a lesion's reach and the capsule, the slide edge or another lesion
+
+        lesions = []  # (y, x, r, key, class)
+
+        def clear(y, x, reach, side):
+            """No other lesion within reach + gap, and the capsule's centre line (checked on a grid finer than the
+            capsule's thickness) nowhere within reach + gap + half thickness, the lesion on `side` (+1 in)."""
+            if any(np.hypot(y - o[0], x - o[1]) < reach + 1.2 * o[2] + gap for o in lesions):
+                return False
+            e, step = reach + gap + self.capsule_half, max(2.0, self.capsule_half / 2)
+            ys, xs = np.arange(y - e, y + e + step, step), np.arange(x - e, x + e + step, step)
+            line = self._capsule_line(ys, xs)
+            near = np.hypot(*np.meshgrid(ys - y, xs - x, indexing="ij")) <= e
+            return bool((side * line[near] > 0).all())
+
+        want = int(rng.integers(2, 5))
+        for _ in range(300):
+            if len(lesions) == 2 * want:
+                break
+            r = rng.uniform(0.04, 0.06) * s
+            reach = 1.2 * r  # radius + wobble amplitude (0.2 r)
+            rho, phi = (R - reach) * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+            y, x = float(round(cy + rho * np.sin(phi))), float(round(cx + rho * np.cos(phi)))
+            if not clear(y, x, reach, +1):
+                continue
+            edge = reach + gap
+            twins = [(y + P * ky, x + P * kx)
+                     for ky in range(-int(y // P), int((H - y) // P) + 1)
+                     for kx in range(-int(x // P), int((W - x) // P) + 1)]
+            twins = [(ty, tx) for ty, tx in twins if edge <= ty <= H - edge and edge <= tx <= W - edge
+                     and np.hypot(ty - cy, tx - cx) > R and clear(ty, tx, reach, -1)]
+            if not twins:
+                continue
+            ty, tx = twins[int(rng.integers(len(twins)))]
+            key = int(rng.integers(2**31))
+            lesions += [(y, x, r, key, 1), (ty, tx, r, key, 2)]
+        self.lesions = lesions
+
+    def _capsule_line(self, ys, xs):
+        """Signed distance in pixels to the capsule's centre line, positive inside: the field R - r + meander
+        divided by the length of its gradient (central differences, 1 px), so the capsule keeps one thickness
+        where the meander flattens the field (its gradient falls to ~0.2 there)."""
+        cy, cx, R = self.capsule
+
+        def field(ys, xs):
+            d = np.sqrt(((ys - cy) ** 2)[:, None] + ((xs - cx) ** 2)[None, :]).astype(np.float32)
+            return R - d + self.capsule_amp * noise2(ys, xs, self.capsule_lam, self.capsule_lam, self.key + 1)
+
+        gy = field(ys + 1, xs) - field(ys - 1, xs)
+        gx = field(ys, xs + 1) - field(ys, xs - 1)
+        return field(ys, xs) / np.maximum(0.5 * np.sqrt(gy * gy + gx * gx), 0.1)
+
+    def _lesions(self, ys, xs, margin):
+        """(window slices, lesion sd, local ys, local xs, key, class) for each lesion reaching this window; the
+        wobble and so the shape are functions of lesion-local coordinates and the lesion's key only."""
+        out = []
+        for cy, cx, r, key, cls in self.lesions:
+            reach = 1.2 * r + margin
+            y0, y1 = np.searchsorted(ys, cy - reach), np.searchsorted(ys, cy + reach)
+            x0, x1 = np.searchsorted(xs, cx - reach), np.searchsorted(xs, cx + reach)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            ly, lx = ys[y0:y1] - cy, xs[x0:x1] - cx
+            d = np.sqrt((ly**2)[:, None] + (lx**2)[None, :]).astype(np.float32)
+            lam = 0.8 * r
+            wobble = 0.7 * noise2(ly, lx, lam, lam, key) + 0.3 * noise2(ly, lx, lam / 3, lam / 3, key + 1)
+            out.append(((slice(y0, y1), slice(x0, x1)), r - d + 0.2 * r * wobble, ly, lx, key, cls))
+        return out
+
+    def _capsule_sd(self, ys, xs, margin):
+        """Half thickness minus the distance to the capsule's centre line (positive on the capsule), or None when
+        the capsule does not reach this window."""
+        cy, cx, R = self.capsule
+        dy = max(ys[0] - cy, cy - ys[-1], 0)
+        dx = max(xs[0] - cx, cx - xs[-1], 0)
+        far = np.hypot(max(abs(ys[0] - cy), abs(ys[-1] - cy)), max(abs(xs[0] - cx), abs(xs[-1] - cx)))
+        # |noise| <= 1 and the field's gradient is at most 1 + amp * 3 sqrt(2) / lam < 3, so where the capsule is
+        # drawn, |R - r| <= amp + 3 (half + margin)
+        band = self.capsule_amp + 3 * (self.capsule_half + margin)
+        if np.hypot(dy, dx) > R + band or far < R - band:
+            return None
+        return self.capsule_half - np.abs(self._capsule_line(ys, xs))
+
+    def _context_label(self, level, y0, x0, h, w):
+        ys, xs, _ = self._coords(level, y0, x0, h, w)
+        out = np.zeros((h, w), np.uint8)
+        for win, sd, *_, cls in self._lesions(ys, xs, 0.0):
+            out[win][sd > 0] = cls
+        return out
+
+    def _context_image(self, level, y0, x0, h, w):
+        ys, xs, ds = self._coords(level, y0, x0, h, w)
+        k, P = self.key, CONTEXT_PERIOD
+
+        def fade(lam):
+            return float(np.clip(lam / ds - 1, 0, 1))
+
+        def nz(lam_y, lam_x, key, ys=ys, xs=xs, periodic=True):
+            f = fade(min(lam_y, lam_x))
+            if f == 0:
+                return np.zeros((len(ys), len(xs)), np.float32)
+            n = noise2(ys, xs, lam_y, lam_x, key, P if periodic else None)
+            return f * n
+
+        def mask(a, b, lam, key, ys=ys, xs=xs, periodic=True):
+            f, rho = fade(lam), _coverage(a, b)
+            if f == 0:
+                return np.full((len(ys), len(xs)), rho, np.float32)
+            n = noise2(ys, xs, lam, lam, key, P if periodic else None)
+            return f * _smoothstep(a, b, n) + (1 - f) * rho
+
+        def blend(c, colour, alpha):
+            return c + (np.asarray(colour, np.float32) - c) * alpha[..., None]
+
+        aa = 0.5 * ds + 0.5
+
+        # stroma everywhere: horizontal fibres and sparse nuclei, repeating every P pixels
+        fibre = 0.6 * nz(4, 16, k + 11) + 0.25 * nz(8, 8, k + 12)
+        c = np.array(STROMA, np.float32) + fibre[..., None] * np.array(STROMA_FIBRE, np.float32)
+        c = blend(c, STROMA_NUCLEUS, 0.6 * mask(0.5, 0.65, 4, k + 13))
+        capsule = self._capsule_sd(ys, xs, aa)
+        if capsule is not None:
+            band = np.array(CAPSULE, np.float32) + 12 * nz(4, 32, k + 14, periodic=False)[..., None]
+            c = blend(c, band, _smoothstep(-aa, aa, capsule))
+        for win, sd, ly, lx, key, _ in self._lesions(ys, xs, aa):
+            cells = np.array(TUMOUR, np.float32) + 20 * nz(3, 3, key + 2, ly, lx, False)[..., None]
+            cells = blend(cells, TUMOUR_NUCLEUS, 0.9 * mask(-0.05, 0.15, 6, key + 3, ly, lx, False))
+            c[win] = blend(c[win], cells, _smoothstep(-aa, aa, sd))
+        return np.clip(c + self.stain + 0.5, 0, 255).astype(np.uint8)
+
 
 def slide_seed(seed: int, index: int) -> int:
     """Seed of slide `index` in a set generated with `seed`."""
@@ -297,18 +483,21 @@ def make_slides(
     tile: int = 256,
     val_fraction: float = 0.25,
     progress: Callable[[int, int], None] | None = None,
+    family: str = "easy",
 ) -> Path:
     """Write out/slide_XXX.tiff (RGB pyramid), out/slide_XXX_mask.tiff (label pyramid) and
     out/manifest.csv (image,label,split); returns the manifest path. The folder is also a valid
-    "paip" layout. progress(done, n) is called after each slide."""
+    "paip" layout. progress(done, n) is called after each slide. family: "easy" or "context"
+    (class names in FAMILY_CLASSES)."""
     from hrvit.data.datasets import assign_splits
 
+    _check_family(family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = [f"slide_{i:03d}" for i in range(n)]
     splits = assign_splits(ids, val_fraction, seed)
     for i, case in enumerate(ids):
-        slide = SyntheticSlide(size, slide_seed(seed, i))
+        slide = SyntheticSlide(size, slide_seed(seed, i), family=family)
         write_pyramid(out / f"{case}.tiff", slide.shape, slide.image, channels=3, tile=tile, mpp=0.5)
         write_pyramid(out / f"{case}_mask.tiff", slide.shape, slide.label, channels=1, tile=tile, mpp=0.5)
         if progress:

@@ -19,7 +19,6 @@ from hrvit.config import PatchingConfig
 from hrvit.data.datasets import Case, CaseSpec, open_case
 from hrvit.errors import DataError
 from hrvit.patching import PatchSequence, patch_adaptive, patch_pyramid, patch_uniform
-from hrvit.patching.halo import add_halo
 
 MAX_LABEL_SCAN = 64 * 1024 * 1024
 """Labels up to this many pixels are scanned once to centre windows on foreground."""
@@ -112,14 +111,14 @@ def read_window(case: Case, start, shape, patching: PatchingConfig, with_label: 
             size = seq.boxes[:, len(origin):].amax(-1).clamp(min=1).double()
             seq.level = torch.where(seq.valid, torch.log2(size / (patching.patch_size * scale)).round().long(), 0)
             seq.scale = scale
-        return add_halo(seq, patching.halo)
+        return seq
     image = torch.from_numpy(np.ascontiguousarray(case.image.read(start, shape)))
     label = None
     if with_label and case.label is not None:
         label = torch.from_numpy(np.ascontiguousarray(case.label.read(start, shape)))
     seq = patch_uniform(image, patching.patch_size, label)
     seq.meta = {"case": case.spec.id, "origin": origin}
-    return add_halo(seq, patching.halo)
+    return seq
 
 
 class TrainWindows(torch.utils.data.Dataset):

@@ -210,12 +210,15 @@ class Session:
         return self.parallelize(self.task.build_model(self.ndim, self.channels))
 
     def parallelize(self, model):
-        """Give the encoder attention over this rank's SP group: Ulysses, ring or both (a no-op without SP)."""
+        """Give the encoder attention over this rank's SP group (Ulysses, ring or both) and the decoder its
+        neighbours' border pixels from the group (a no-op without SP)."""
         if self.sp is not None:
             from hrvit.parallel.attention import sequence_parallel_core
 
             check_parallel(self.sp.size, self.world, model.encoder.num_heads, self.sp.ring)
             model.encoder.set_attention_core(sequence_parallel_core(self.sp))
+            if hasattr(model, "decoder"):
+                model.decoder.set_group(self.sp.group)
         return model
 
     def engine_for(self, model):

@@ -1,9 +1,12 @@
-"""UNETR-style conv decoder that runs on every token by itself, in 2-D and 3-D.
+"""UNETR-style conv decoder over the tokens' own maps, in 2-D and 3-D.
 
 A token is a leaf of an adaptive tree, so tokens have no grid to share: the decoder treats
 the B*L tokens as a flat batch of tiny images (1 -> 2 -> 4 -> ... -> p pixels per side).
-Nothing here may mix tokens: no BatchNorm (GroupNorm statistics are per token), no reshape
-across the token axis. `depatch` pastes the per-token logits back into the image.
+Each 3^D convolution reads the one-pixel border of a token's map from the neighbouring tokens' maps
+(TokenRings, hrvit.patching.neighbours): for uniform tokens that is the convolution over the stitched
+window, so predictions have no seams on the token grid. Statistics stay per token (GroupNorm, no
+BatchNorm), so a token's output depends only on its own state and its neighbours' maps. `depatch`
+pastes the per-token logits back into the image.
 
 Fuse blocks (`fuse`, config `model.decoder_fuse`): each stage joins the upsampled map with the skips
 that enter there (and, at the finest stage, the pixel stem), then mixes them.
@@ -34,6 +37,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from hrvit.parallel.shard import TokenRings
 
 SKIP_RESOLUTIONS = (8, 4, 2)
 """Side length at which the hidden states after d/4, d/2 and 3d/4 blocks enter (UNETR order)."""
@@ -79,15 +84,23 @@ class UpConv(nn.Module):
 
 class ConvNormAct(nn.Sequential):
     """conv 3^D (or a 1^D PointwiseConv) + GroupNorm + GELU; GroupNorm because its statistics stay inside one
-    token."""
+    token. Given `rings` (TokenRings), a 3^D conv reads its border from the neighbouring tokens' maps instead of
+    zeros."""
 
     def __init__(self, ndim: int, c_in: int, c_out: int, kernel: int = 3):
         conv = nn.Conv2d if ndim == 2 else nn.Conv3d
         super().__init__(
-            conv(c_in, c_out, 3, padding=1, bias=False) if kernel == 3 else PointwiseConv(ndim, c_in, c_out, False),
+            conv(c_in, c_out, 3, bias=False) if kernel == 3 else PointwiseConv(ndim, c_in, c_out, False),
             nn.GroupNorm(math.gcd(8, c_out), c_out),
             nn.GELU(),
         )
+
+    def forward(self, x: Tensor, rings: TokenRings | None = None) -> Tensor:
+        """The conv runs unpadded on the map with its ring (zeros without `rings`); it is called as a module so
+        ZeRO-3 gathers its weight."""
+        if not isinstance(self[0], PointwiseConv):
+            x = rings(x) if rings is not None else F.pad(x, (1,) * 2 * (x.dim() - 2))
+        return self[2](self[1](self[0](x)))
 
 
 class UNETRDecoder(nn.Module):
@@ -154,12 +167,19 @@ class UNETRDecoder(nn.Module):
         self.fuse = nn.ModuleList(blocks)
         self.head = PointwiseConv(ndim, width[stages], num_classes) if fast else conv(width[stages], num_classes, 1)
 
-    def forward(self, hidden: Sequence[Tensor], pixels: Tensor) -> Tensor:
-        """hidden: 4 x [B, L, dim] (after d/4, d/2, 3d/4, d blocks); pixels [B, L, C, *P] -> [B, L, K, *P]."""
+    def set_group(self, group) -> None:
+        """Decode the tokens this rank holds of a sequence its SP `group` shares (their neighbours may lie on
+        other ranks: TokenRings exchanges the border pixels)."""
+        self.group = group
+
+    def forward(self, hidden: Sequence[Tensor], pixels: Tensor, boxes: Tensor, valid: Tensor) -> Tensor:
+        """hidden: 4 x [B, L, dim] (after d/4, d/2, 3d/4, d blocks); pixels [B, L, C, *P]; boxes [B, L, 2D] and
+        valid [B, L] place the tokens, so every 3^D conv sees across token borders -> [B, L, K, *P]."""
         if len(hidden) != 4:
             raise ValueError(f"UNETRDecoder needs 4 hidden states, got {len(hidden)}")
         B, L = pixels.shape[:2]
         n, d = B * L, self.ndim
+        rings = TokenRings(boxes, valid, [2**s for s in range(1, len(self.ups) + 1)], getattr(self, "group", None))
         flat = [h.reshape(n, h.shape[-1]) for h in hidden]
         x = self.bottleneck(flat[3]).view(n, -1, *(1,) * d)
         skips: dict[int, list[Tensor]] = {}
@@ -169,17 +189,14 @@ class UNETRDecoder(nn.Module):
             skips.setdefault(r, []).append(skip)
         for s, (up, fuse) in enumerate(zip(self.ups, self.fuse), start=1):
             parts = [up(x), *skips.get(2**s, [])]
-            m = (pixels.shape[-1] - self.patch_size) // 2  # halo pixels (hrvit.patching.halo)
             if 2**s == self.patch_size:
                 stem_in = pixels.reshape(n, *pixels.shape[2:]).to(x.dtype)
                 if last:
                     stem_in = stem_in.contiguous(memory_format=torch.channels_last_3d if d == 3 else
                                                  torch.channels_last)
-                if m:  # the finest stage runs on the halo'd square: its convolutions see the neighbours' pixels
-                    parts = [F.pad(t, (m,) * 2 * d, mode="replicate") for t in parts]
-                parts.append(self.stem(stem_in))
-            x = fuse(functools.reduce(torch.add, parts) if self.fuse_kind == "add" else torch.cat(parts, 1))
-            if m and 2**s == self.patch_size:
-                x = x[(Ellipsis, *[slice(m, m + self.patch_size)] * d)]
+                parts.append(self.stem(stem_in, rings))
+            x = functools.reduce(torch.add, parts) if self.fuse_kind == "add" else torch.cat(parts, 1)
+            for block in fuse:
+                x = block(x, rings)
         out = self.head(x).contiguous()
         return out.view(B, L, *out.shape[1:])

@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 from hrvit.config import where_looked
 from hrvit.errors import ConfigError, DataError
 from hrvit.models.decoder import FUSES, UNETRDecoder
-from hrvit.patching.halo import token_pixels
 
 AttentionCore = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
 """core(q, k, v, key_valid) -> out, all [B, L, H, Dh]; key_valid [B, L] bool (True = real
@@ -264,16 +263,11 @@ class ViTEncoder(nn.Module):
         mask of the full sequence; it differs from valid only under sequence parallelism, where this rank
         holds a slice of the tokens.
         """
-        side = pixels.shape[-1]  # p, or p + 2 x halo (hrvit.patching.halo): the encoder embeds the centre p^D
-        expected = (self.in_chans, *(side,) * self.ndim)
-        if tuple(pixels.shape[2:]) != expected or side < self.patch_size or (side - self.patch_size) % 2:
-            raise ValueError(
-                f"pixels {tuple(pixels.shape)}: expected [B, L, {self.in_chans}, "
-                f"{', '.join([f'{self.patch_size} + 2 x halo'] * self.ndim)}]"
-            )
+        expected = (self.in_chans, *(self.patch_size,) * self.ndim)
+        if tuple(pixels.shape[2:]) != expected:
+            raise ValueError(f"pixels {tuple(pixels.shape)}: expected [B, L, {', '.join(map(str, expected))}]")
         working = boxes.float() / scale.to(boxes.device, torch.float32).view(-1, *(1,) * (boxes.dim() - 1))
-        own = token_pixels(pixels, self.patch_size, self.ndim)
-        x = self.patch_embed(own) + self.box_embed(working, POSITION_EXTENT)
+        x = self.patch_embed(pixels) + self.box_embed(working, POSITION_EXTENT)
         x = torch.where(
             valid[..., None], x, 0.0
         )  # padding stays finite whatever garbage it holds
@@ -309,7 +303,7 @@ def _trunc_normal(w: Tensor, std: float, a: float = -2.0, b: float = 2.0) -> Non
 
 
 class Segmenter(nn.Module):
-    """Encoder + per-token decoder: batch fields in, per-token logits [B, L, K, *P] out."""
+    """Encoder + decoder over the tokens' maps: batch fields in, per-token logits [B, L, K, *P] out."""
 
     def __init__(self, encoder: ViTEncoder, decoder: UNETRDecoder):
         super().__init__()
@@ -323,7 +317,7 @@ class Segmenter(nn.Module):
         scale: Tensor,
         key_valid: Tensor | None = None,
     ) -> Tensor:
-        return self.decoder(self.encoder(pixels, boxes, valid, scale, key_valid), pixels)
+        return self.decoder(self.encoder(pixels, boxes, valid, scale, key_valid), pixels, boxes, valid)
 
 
 PRESETS: dict[str, dict] = {

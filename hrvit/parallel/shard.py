@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 
 from hrvit.errors import ConfigError
 from hrvit.parallel import comm
 from hrvit.patching import IGNORE_INDEX
+from hrvit.patching.neighbours import ring_index
 
 _FILL = {"pixels": 0, "boxes": 0, "level": 0, "valid": False, "target": IGNORE_INDEX}
 """Padding per batch field: padded tokens are invalid, and their pixels never count."""
@@ -94,3 +97,104 @@ class SequenceParallelForward:
         local = shard_batch({"pixels": pixels, "boxes": boxes, "valid": valid}, self.sp_size, self.sp_rank)
         logits = self.model(local["pixels"], local["boxes"], local["valid"], scale, local["key_valid"])
         return gather_tokens(logits, self.group, local["token_order"], valid.shape[1])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of equally long row blocks, rank-major; backward sums every rank's gradient of the whole
+    gathered buffer and keeps this rank's block (each block is used by all ranks)."""
+
+    @staticmethod
+    def forward(ctx, rows, group):
+        ctx.group, ctx.rank, ctx.size = group, dist.get_rank(group), dist.get_world_size(group)
+        return torch.cat(comm.all_gather(rows, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = comm.all_reduce(grad.contiguous().clone(), group=ctx.group)
+        block = grad.shape[0] // ctx.size
+        return total[ctx.rank * block:(ctx.rank + 1) * block], None
+
+
+def _side_by_side(boxes: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of a batch (boxes [B, L, 2D], valid [B, L]) as one sequence [B * L, 2D], sample b moved along the
+    first axis by b times a multiple of every leaf size there (so no leaf changes its phase) that clears the others
+    by more than a leaf: one neighbour lookup serves the whole batch, and no sample sees another."""
+    B, D = boxes.shape[0], boxes.shape[-1] // 2
+    boxes = boxes.long()
+    if B > 1 and bool(valid.any()):
+        start, edge = boxes[..., 0][valid], boxes[..., D][valid].clamp(min=1)
+        sizes = torch.unique(edge).tolist()
+        step = math.lcm(*sizes)
+        span = int((start + edge).max() - start.min()) + max(sizes)
+        shift = torch.zeros_like(boxes)
+        shift[..., 0] = torch.arange(B, device=boxes.device)[:, None] * (-(-span // step) * step)
+        boxes = boxes + shift
+    return boxes.reshape(-1, 2 * D), valid.reshape(-1)
+
+
+class TokenRings:
+    """Pads every token's r^D decoder map with the one-pixel ring taken from its neighbours' maps
+    (hrvit.patching.neighbours), so the decoder's convolutions see across token borders.
+
+    boxes [B, n, 2D] and valid [B, n] are this process's tokens. With an SP `group`, the ranks hold the
+    sequence's tokens in turn (shard_batch), so a ring pixel may lie in another rank's token: every rank
+    plans the same exchange from the group's boxes, sends the map pixels others need (one all-gather of
+    equal blocks per convolution; the gradient flows back the same way) and takes the rest from its own
+    maps. Without a group this process holds every token and nothing is sent.
+    """
+
+    def __init__(self, boxes: torch.Tensor, valid: torch.Tensor, sides: Iterable[int], group=None):
+        self.group, self.ndim = group, boxes.shape[-1] // 2
+        rank, size = (0, 1) if group is None else (dist.get_rank(group), dist.get_world_size(group))
+        if size > 1:
+            boxes = torch.cat(comm.all_gather(boxes, group), 1)
+            valid = torch.cat(comm.all_gather(valid.to(torch.uint8), group), 1).bool()
+        self.plans = {r: self._plan(boxes, valid, r, rank, size) for r in sides}
+
+    @staticmethod
+    def _plan(boxes, valid, r: int, rank: int, size: int):
+        """(index into [own maps; gathered blocks; a zero row], this rank's block of pixels to send or None)."""
+        B, total = valid.shape
+        n, R = total // size, r ** (boxes.shape[-1] // 2)
+        entry = ring_index(*_side_by_side(boxes, valid), r).view(B, total, -1)  # pixels of the whole group, flat
+        held = (entry // R) % total  # the token a pixel belongs to, in the group's order
+
+        def local(e):  # an entry's position in its own rank's maps [B * n * R]
+            return ((e // (total * R)) * n + (e // R) % total % n) * R + e % R
+
+        own_count = B * n * R
+        mine = entry[:, rank * n:(rank + 1) * n]
+        if size == 1:
+            return torch.where(mine >= 0, local(mine), own_count).reshape(B * n, -1), None
+        token_rank = (torch.arange(total, device=boxes.device) // n)[None, :, None]
+        foreign = (entry >= 0) & (held // n != token_rank)
+        needed = torch.unique(entry[foreign])
+        owner = (needed // R) % total // n
+        needed = needed[torch.argsort(owner * (B * total * R) + needed)]  # grouped by owner, sorted within
+        owner = (needed // R) % total // n
+        counts = torch.bincount(owner, minlength=size)
+        block = int(counts.max()) if needed.numel() else 0
+        if block == 0:
+            return torch.where(mine >= 0, local(mine), own_count).reshape(B * n, -1), None
+        first = torch.cumsum(counts, 0) - counts
+        slot = owner * block + torch.arange(len(needed), device=needed.device) - first[owner]
+        send = torch.zeros(block, dtype=torch.long, device=needed.device)
+        send[:int(counts[rank])] = local(needed[owner == rank])
+        key = owner * (B * total * R) + needed  # sorted
+        mine_owner = torch.where(mine >= 0, (mine // R) % total // n, rank)
+        at = torch.searchsorted(key, mine_owner * (B * total * R) + mine.clamp(min=0)).clamp(max=len(key) - 1)
+        index = torch.where(mine < 0, own_count + size * block,
+                            torch.where(mine_owner == rank, local(mine), own_count + slot[at]))
+        return index.reshape(B * n, -1), send
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B * n, C, *(r,) * D] -> [B * n, C, *(r + 2,) * D]."""
+        N, C, r = x.shape[0], x.shape[1], x.shape[-1]
+        index, send = self.plans[r]
+        flat = x.movedim(1, -1).reshape(-1, C)
+        parts = [flat]
+        if send is not None:
+            parts.append(_GatherRows.apply(flat[send], self.group))
+        parts.append(flat.new_zeros(1, C))
+        ringed = torch.cat(parts)[index]  # [N, (r + 2)^D, C]
+        return ringed.view(N, *(r + 2,) * self.ndim, C).movedim(-1, 1)

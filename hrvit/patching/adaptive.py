@@ -27,7 +27,8 @@ Two readers: `patch_adaptive` for an image in memory (one area pooling pass, all
 gathered in one indexing call), `patch_pyramid` for slides (the tree is built on a low-resolution
 level and each leaf is read from the level hrvit.data.sources.choose_level picks for S/p, several
 leaves per read; level 0 is only read for base-size leaves). A single-level file gives the tokens
-its decoded pixels give in memory. Everything is torch, so it runs on CPU and GPU alike.
+its decoded pixels give in memory, bit for bit; an 8-bit one is patched from its decoded bytes (StoredImage),
+never from a float copy of the whole image. Everything is torch, so it runs on CPU and GPU alike.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from hrvit.errors import ConfigError, DataError
-from hrvit.patching.scores import Detail
+from hrvit.patching.scores import Detail, populated
 from hrvit.patching.sequence import IGNORE_INDEX, PatchSequence
 from hrvit.patching.uniform import check_extent
 
@@ -57,7 +58,8 @@ READ_CHUNK = 1024
 in boxes of about this size."""
 WHOLE_MAX = 8192 * 8192
 """Pyramid-native: a region whose working map would come from level 0 is read whole (one decode, then
-patched in memory) up to this many pixels (0.8 GB of float32 RGB)."""
+patched in memory) up to this many pixels (0.2 GB of 8-bit RGB, kept as decoded; 0.8 GB as float32 for other
+dtypes)."""
 
 
 @dataclass
@@ -80,6 +82,34 @@ class Leaves:
 
     def __len__(self) -> int:
         return len(self.size)
+
+
+@dataclass
+class StoredImage:
+    """A 2-D image as its file stores it, raw uint8 [h, w, C], and the factor its reader scales it by (read_level's
+    float32 pixels are float32(v) x float32(scale)). patch_pyramid hands a single-level file's region to
+    patch_adaptive this way: float32 is made only strip by strip for the working maps and leaf by leaf for the small
+    leaves, each value converted exactly as the reader converts it, so the tokens and the tree are those of the float
+    image bit for bit, without its float copy (4x the bytes: at 8192^2 RGB, filling it cost more than decoding the
+    JPEG tiles, and pooling it from memory more than pooling strips that stay in cache)."""
+
+    raw: torch.Tensor
+    scale: float
+
+    def __post_init__(self):
+        self.scale = float(np.float32(self.scale))  # the float32 factor the reader multiplies by
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        h, w, c = self.raw.shape
+        return (c, h, w)
+
+    ndim = 3
+    device = torch.device("cpu")
+
+    def floats(self) -> torch.Tensor:
+        """The whole image as the reader gives it, float32 [C, h, w] (only where a caller needs every pixel)."""
+        return torch.mul(self.raw.permute(2, 0, 1), self.scale).contiguous()
 
 
 def leaf_limits(cfg) -> tuple[int, int, int | None]:
@@ -425,15 +455,23 @@ def _cut_blocks(image: torch.Tensor, starts: np.ndarray, size: int, p: int) -> t
     c, *extent = image.shape
     ndim, f = len(extent), size // p
     chunk = max(1, (1 << 22) // (c * size**ndim))
+    stored = isinstance(image, StoredImage)
     out = []
     for i in range(0, len(starts), chunk):
         views = []
         for st in starts[i:i + chunk].tolist():
-            v = image[(slice(None), *[slice(s, s + size) for s in st])]
-            if v.shape[1:] != (size,) * ndim:  # crossing the image edge
-                v = F.pad(v, [x for n in reversed(v.shape[1:]) for x in (0, size - n)])
+            if stored:  # raw [h, w, C]: cut as stored, converted below as the reader converts
+                v = image.raw[st[0]:st[0] + size, st[1]:st[1] + size]
+                if v.shape[:2] != (size, size):
+                    v = F.pad(v, (0, 0, 0, size - v.shape[1], 0, size - v.shape[0]))
+            else:
+                v = image[(slice(None), *[slice(s, s + size) for s in st])]
+                if v.shape[1:] != (size,) * ndim:  # crossing the image edge
+                    v = F.pad(v, [x for n in reversed(v.shape[1:]) for x in (0, size - n)])
             views.append(v)
         block = torch.stack(views)
+        if stored:
+            block = torch.mul(block.permute(0, 3, 1, 2), image.scale)
         for _ in range(int(math.log2(f))):  # strided adds: much faster here than avg_pool or mean
             for d in range(2, 2 + ndim):
                 block = block[_every(d, 0)] + block[_every(d, 1)]
@@ -443,14 +481,15 @@ def _cut_blocks(image: torch.Tensor, starts: np.ndarray, size: int, p: int) -> t
 
 
 def resample(image: torch.Tensor, leaves: Leaves, p: int, base: torch.Tensor, base_factor: int) -> torch.Tensor:
-    """Every leaf of an in-memory image [C, *E] area-resampled to p: [n, C, p...] (0 outside the image).
+    """Every leaf of an in-memory image [C, *E] (or a StoredImage) area-resampled to p: [n, C, p...] (0 outside
+    the image).
 
     Leaves of edge >= base_factor * p are cut from `base` (the image area-pooled by base_factor,
     zero outside) and its halvings, one indexing call per level; smaller ones (levels below
     log2(base_factor)) are copied from the image leaf by leaf and averaged per level.
     """
     c, ndim = image.shape[0], image.ndim - 1
-    out = image.new_zeros((len(leaves), c, *(p,) * ndim))
+    out = base.new_zeros((len(leaves), c, *(p,) * ndim))
     if not len(leaves):
         return out
     starts = torch.from_numpy(leaves.start).to(image.device)
@@ -545,6 +584,48 @@ def to_sequence(leaves: Leaves, pixels: torch.Tensor, p: int, length: int | None
     return seq
 
 
+STRIP_ROWS = 16
+"""A StoredImage is converted to float32 and pooled this many rows at a time (8192 x 3 floats: 1.5 MB, in cache)."""
+
+
+def stored_working_maps(image: StoredImage, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """working_maps(image.floats(), w), bit for bit, without the float image. Strip by strip (STRIP_ROWS rows, so
+    the strip stays in cache): the raw values are converted as the reader converts them, and each f x f block is
+    summed by strided adds in the order torch's avg_pool2d adds (row by row, left to right, in float32), then
+    divided by f^2 as it divides. Blocks cut by the image edge go through avg_pool2d itself. f = gcd(BASE_POOL, w)
+    must be > 1 (else base is the image)."""
+    f = math.gcd(BASE_POOL, w)
+    raw = image.raw.numpy()
+    h, wd, c = raw.shape
+    hf, wf = h // f * f, wd // f * f
+    scale = np.float32(image.scale)
+    base = populated((c, -(-h // f), -(-wd // f)))
+    step = max(f, STRIP_ROWS // f * f)
+    buf = np.empty((step, wf, c), np.float32)
+
+    def edge_pool(rows, cols):  # torch's own pooling of a region whose blocks the image edge cuts
+        x = torch.mul(torch.from_numpy(raw[rows, cols]).permute(2, 0, 1), image.scale).contiguous()
+        return area_pool(x, f, zero_outside=False).numpy()
+
+    for r in range(0, hf, step):
+        n = min(step, hf - r) // f
+        x = np.multiply(raw[r:r + n * f, :wf], scale, out=buf[:n * f], dtype=np.float32)
+        x = x.reshape(n, f, wf // f, f, c).transpose(4, 0, 1, 2, 3)  # [C, n, i, cols, j]: term (i, j) of each block
+        acc = base[:, r // f:r // f + n, :wf // f]
+        np.copyto(acc, x[:, :, 0, :, 0])
+        for i in range(f):
+            for j in range(f):
+                if i or j:
+                    acc += x[:, :, i, :, j]
+        acc /= np.float32(f * f)
+        if wf < wd:
+            base[:, r // f:r // f + n, wf // f:] = edge_pool(slice(r, r + n * f), slice(wf, wd))
+    if hf < h:
+        base[:, hf // f:] = edge_pool(slice(hf, h), slice(0, wd))
+    base = torch.from_numpy(base)
+    return base, area_pool(base, w // f, zero_outside=False)
+
+
 def working_maps(image: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, work): in-image block means of the image over gcd(BASE_POOL, w) pixels, then of base over the
     rest of w. The slide path pools each chunk it reads with this same function, so both paths score the
@@ -590,6 +671,7 @@ def patch_adaptive(image: torch.Tensor, cfg, target: torch.Tensor | None = None,
     spacing: physical size of a pixel per axis (array order; for NIfTI the affine's column norms, reversed).
     Isotropic (or None): the cubic tree. Otherwise, or when a 3-D axis is thinner than the root, roots and
     splits per axis (root_edges, split_axes) and leaves with per-axis edges, each still resampled to p^D.
+    image may also be a StoredImage (2-D, no spacing): the same tokens, without a float copy of the image.
     """
     tick = time.perf_counter()
     p, min_leaf, max_leaf = leaf_limits(cfg)
@@ -599,8 +681,17 @@ def patch_adaptive(image: torch.Tensor, cfg, target: torch.Tensor | None = None,
         raise DataError(f"label shape {tuple(target.shape)} does not match image shape {extent}")
     w = max(1, min_leaf // 2)
     f = math.gcd(BASE_POOL, w)
-    base, work = working_maps(image, w)  # the one pass over the whole image
-    overview = _picture((image, base, work), picture) if picture else None
+    if isinstance(image, StoredImage) and (f == 1 or not isotropic(spacing)):
+        image = image.floats()  # base would be the image itself, or the leaves need resample_axes
+    if isinstance(image, StoredImage):
+        base, work = stored_working_maps(image, w)
+        if picture and max(base.shape[1:]) < picture:
+            overview = _picture((image.floats(), base, work), picture)
+        else:  # _picture takes a pooled map whenever one is large enough
+            overview = _picture((base, base, work), picture) if picture else None
+    else:
+        base, work = working_maps(image, w)  # the one pass over the whole image
+        overview = _picture((image, base, work), picture) if picture else None
     detail = Detail(work, w, cfg.scorer, cfg.tissue_mask, _sensitivity(cfg, rng))
     if any(n % f for n in extent):  # tokens see zeros outside the image: rescale partial edge blocks
         base = base.clone()
@@ -719,11 +810,12 @@ def patch_pyramid(source, cfg, start=(0, 0), shape=None, label=None, rng=None, i
     (hrvit.data.SlideSource); label: a label source (read_level/best_level when it has a pyramid).
     When the working map would come from level 0 anyway (no coarser level) and the region has at most
     `whole_max` pixels, the region is read once and patched in memory (patch_adaptive: the same tokens
-    as the decoded image gives). Otherwise the tree is built on a working map of at most WORK_MAX^2
-    pixels and each leaf of edge S is read from the level choose_level picks for S / p, tile-once
-    (_read_at_level); its labels are the majority of the label level pixels under each of its p x p cells.
-    seq.meta reports the image pixels read per level and level0_fraction_read (level-0 pixels read / the
-    region's pixels); picture > 0 adds seq.meta["picture"], an overview of the region at most that many pixels
+    as the decoded image gives; 8-bit data as its stored bytes, a StoredImage, when the source has read_stored:
+    about half the time of patching read_level's float32 copy at 8192^2). Otherwise the tree is built on a
+    working map of at most WORK_MAX^2 pixels and each leaf of edge S is read from the level choose_level picks
+    for S / p, tile-once (_read_at_level); its labels are the majority of the label level pixels under each of
+    its p x p cells. seq.meta reports the image pixels read per level and level0_fraction_read (level-0 pixels read /
+    the region's pixels); picture > 0 adds seq.meta["picture"], an overview of the region at most that many pixels
     per side made from the pixels already read (the decoded region or the working map), for overlays.
     """
     tick = time.perf_counter()
@@ -741,7 +833,12 @@ def patch_pyramid(source, cfg, start=(0, 0), shape=None, label=None, rng=None, i
     counts: dict = {}
     level = source.best_level(w)
     if level == 0 and area <= whole_max:
-        image = torch.from_numpy(source.read_level(0, start, extent))
+        bytes_ = hasattr(source, "read_stored") and np.dtype(getattr(source, "dtype", np.uint8)) == np.uint8
+        stored = source.read_stored(0, start, extent) if bytes_ else None
+        if stored is not None and stored[0].dtype == np.uint8:  # the decoded bytes: floats only where needed
+            image = StoredImage(torch.from_numpy(stored[0]), stored[1])
+        else:
+            image = torch.from_numpy(source.read_level(0, start, extent))
         target = None if label is None else torch.from_numpy(label.read(start, extent))
         read = time.perf_counter() - tick
         seq = patch_adaptive(image, cfg, target, rng, image_shape or extent, picture)

@@ -18,6 +18,10 @@ MIN_EDGE = 512
 """Pictures smaller than this are enlarged (nearest) before the outlines are drawn."""
 LEGEND = 16
 """Height of the legend row under a picture, in pixels."""
+PNG_SAVE = {"format": "PNG", "compress_level": 1, "compress_type": 3}
+"""How patchify saves its overlay: zlib level 1 with the run-length strategy (zlib's Z_RLE = 3). On the 2048^2
+overlay of an 8192^2 slide: 0.33 s and 4.7 MB, against 0.45 s and 5.1 MB for level 1's default strategy and 1 s
+for level 6 (outlines on flat tissue are runs)."""
 
 
 def save_with_legend(path: Path, picture: np.ndarray, legend: dict[str, list[int]], text: dict | None = None,
@@ -80,19 +84,33 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 def draw_leaves(rgb: np.ndarray, starts: np.ndarray, sizes: np.ndarray, levels: np.ndarray,
                 scale: float) -> np.ndarray:
     """Outline each leaf (level-0 box `starts` [n, 2], `sizes` [n]) on an RGB picture drawn at `scale`
-    picture pixels per level-0 pixel, coloured by level; finer leaves are drawn last (on top)."""
+    picture pixels per level-0 pixel, coloured by level; finer leaves are drawn last (on top). One vectorised pass per
+    level (leaves of a level share a colour, so their order does not matter): a loop over the 10201 leaves of an
+    8192^2 slide took 0.15 s."""
     out = rgb.copy()
     h, w = out.shape[:2]
-    for i in np.argsort(-levels, kind="stable"):
-        colour = LEVEL_COLOURS[min(int(levels[i]), len(LEVEL_COLOURS) - 1)]
-        y0, x0 = (int(starts[i, 0] * scale), int(starts[i, 1] * scale))
-        y1 = min(h, int((starts[i, 0] + sizes[i]) * scale)) - 1
-        x1 = min(w, int((starts[i, 1] + sizes[i]) * scale)) - 1
-        if y0 >= h or x0 >= w:
-            continue
-        out[y0, x0:x1 + 1] = out[max(y1, y0), x0:x1 + 1] = colour
-        out[y0:y1 + 1, x0] = out[y0:y1 + 1, max(x1, x0)] = colour
+    starts, sizes, levels = np.asarray(starts, np.int64), np.asarray(sizes, np.int64), np.asarray(levels)
+    for level in np.unique(levels)[::-1]:
+        sel = levels == level
+        y0, x0 = (starts[sel, 0] * scale).astype(np.int64), (starts[sel, 1] * scale).astype(np.int64)
+        y1 = np.minimum(h, ((starts[sel, 0] + sizes[sel]) * scale).astype(np.int64)) - 1
+        x1 = np.minimum(w, ((starts[sel, 1] + sizes[sel]) * scale).astype(np.int64)) - 1
+        inside = (y0 < h) & (x0 < w)
+        y0, x0, y1, x1 = y0[inside], x0[inside], y1[inside], x1[inside]
+        ys, xs = _runs(y0, y1), _runs(x0, x1)  # (start, offsets, owner) of each leaf's rows / columns
+        rows = [np.repeat(y0, xs[2]), np.repeat(np.maximum(y1, y0), xs[2])]
+        cols = [np.repeat(x0, ys[2]), np.repeat(np.maximum(x1, x0), ys[2])]
+        colour = LEVEL_COLOURS[min(int(level), len(LEVEL_COLOURS) - 1)]
+        out[np.concatenate(rows), np.tile(xs[0] + xs[1], 2)] = colour
+        out[np.tile(ys[0] + ys[1], 2), np.concatenate(cols)] = colour
     return out
+
+
+def _runs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integers a[i]..b[i] of every i, concatenated: (a repeated per integer, offset from a, count per i)."""
+    count = np.maximum(b - a + 1, 0)
+    first = np.repeat(np.cumsum(count) - count, count)
+    return np.repeat(a, count), np.arange(int(count.sum())) - first, count
 
 
 def overlay(picture: np.ndarray, seq: PatchSequence) -> np.ndarray:
@@ -128,14 +146,16 @@ def overlay(picture: np.ndarray, seq: PatchSequence) -> np.ndarray:
     return np.concatenate([padded[0], gap, padded[1], gap, padded[2]], axis=1)
 
 
-def patchify(source, cfg, out: Path, max_edge: int = 2048) -> dict:
+def patchify(source, cfg, out: Path | None, max_edge: int = 2048) -> dict:
     """Adaptive tokens of a whole image (a hrvit.data source) as `cfg` says; writes the overlay PNG to
-    `out` and returns the statistics. Slides are patched pyramid-natively and drawn on the overview patch_pyramid
-    makes from the pixels it read (asking the file for a thumbnail would decode level 0 a second time)."""
+    `out` (None: no picture is made at all, only the tree and its statistics) and returns the statistics. Slides are
+    patched pyramid-natively and drawn on the overview patch_pyramid makes from the pixels it read (asking the file
+    for a thumbnail would decode level 0 a second time)."""
     shape = tuple(source.shape)
+    draw = out is not None
     if hasattr(source, "read_level"):
-        seq = patch_pyramid(source, cfg, picture=max_edge)
-        picture, read_seconds = seq.meta.pop("picture"), 0.0
+        seq = patch_pyramid(source, cfg, picture=max_edge if draw else 0)
+        picture, read_seconds = seq.meta.pop("picture", None), 0.0
     else:
         tick = time.perf_counter()
         image = torch.from_numpy(source.read((0,) * len(shape), shape))
@@ -143,12 +163,14 @@ def patchify(source, cfg, out: Path, max_edge: int = 2048) -> dict:
         seq = patch_adaptive(image, cfg)
         seq.meta.update(pixels_read={0: int(np.prod(shape))}, level0_fraction_read=1.0)
         stride = max(1, -(-max(shape) // max_edge))
-        picture = image[(slice(None), *[slice(None, None, stride)] * len(shape))].numpy()
-    p = seq.patch_size
-    legend = {f"{p << lv} px leaves": LEVEL_COLOURS[min(lv, len(LEVEL_COLOURS) - 1)].tolist()
-              for lv in sorted(set(seq.level[seq.valid].tolist()))}
-    # compress_level 1: level 6 took 1 s for a 2048^2 overlay
-    save_with_legend(out, overlay(picture, seq), legend, compress_level=1)
+        picture = image[(slice(None), *[slice(None, None, stride)] * len(shape))].numpy() if draw else None
     seconds = {"read": read_seconds, **seq.meta["seconds"]}
+    if draw:
+        tick = time.perf_counter()
+        p = seq.patch_size
+        legend = {f"{p << lv} px leaves": LEVEL_COLOURS[min(lv, len(LEVEL_COLOURS) - 1)].tolist()
+                  for lv in sorted(set(seq.level[seq.valid].tolist()))}
+        save_with_legend(out, overlay(picture, seq), legend, **PNG_SAVE)
+        seconds["overlay"] = time.perf_counter() - tick
     return {**leaf_stats(seq), "seconds": {k: round(v, 4) for k, v in seconds.items()},
             "pixels_read": seq.meta["pixels_read"], "level0_fraction_read": seq.meta["level0_fraction_read"]}

@@ -37,13 +37,49 @@ would otherwise lose half of it to the mask."""
 SCORERS = ("edge", "variance")
 
 
+POPULATE_BYTES = 8 << 20
+"""populated() maps arrays of at least this many bytes with their pages faulted in at once."""
+
+
+def populated(shape, dtype=np.float32) -> np.ndarray:
+    """np.empty, but an array of POPULATE_BYTES or more is anonymous memory mapped with MAP_POPULATE: its pages are
+    faulted in by the one mmap call instead of one fault per 4 kB page on first write, which in a fresh process (the
+    CLI) cost about 3 ms per MB here. The memory goes when the array does."""
+    import mmap
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes >= POPULATE_BYTES and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+            return np.frombuffer(buf, dtype).reshape(shape)
+        except OSError:
+            pass
+    return np.empty(shape, dtype)
+
+
 def integral(x: np.ndarray) -> np.ndarray:
     """Summed-area table (float64) with a leading zero row/column per axis: box sum in 2^D lookups."""
-    out = np.zeros(tuple(s + 1 for s in x.shape), np.float64)
+    out = populated(tuple(s + 1 for s in x.shape), np.float64)
+    for axis in range(x.ndim):
+        out[(slice(None),) * axis + (0,)] = 0
     inner = out[tuple(slice(1, None) for _ in range(x.ndim))]
-    np.cumsum(x, axis=0, dtype=np.float64, out=inner)
+    np.copyto(inner, x)
+    for i in range(1, len(inner)):  # the sums np.cumsum(axis=0) makes, one row at a time: 3x faster into a view
+        np.add(inner[i - 1], inner[i], out=inner[i])
     for axis in range(1, x.ndim):
         np.cumsum(inner, axis=axis, out=inner)
+    return out
+
+
+def gradient(x: torch.Tensor, axis: int, out: torch.Tensor) -> torch.Tensor:
+    """torch.gradient(x, dim=axis)[0] (unit spacing, edge_order 1: central differences / 2 inside, one-sided at
+    both ends; the axis at least 2 long), the same values, written into `out`: 3x faster here than torch.gradient,
+    which concatenates its parts into a new tensor."""
+    n = x.shape[axis]
+    inner = out.narrow(axis, 1, n - 2)
+    torch.sub(x.narrow(axis, 2, n - 2), x.narrow(axis, 0, n - 2), out=inner).div_(2)
+    torch.sub(x.narrow(axis, 1, 1), x.narrow(axis, 0, 1), out=out.narrow(axis, 0, 1))
+    torch.sub(x.narrow(axis, n - 1, 1), x.narrow(axis, n - 2, 1), out=out.narrow(axis, n - 1, 1))
     return out
 
 
@@ -88,22 +124,24 @@ class Detail:
                  sensitivity: float = 1.0):
         if scorer not in SCORERS:
             raise ValueError(f"scorer {scorer!r} is not one of {SCORERS}")
-        if not bool(torch.isfinite(work).all()):
+        work = work.float().cpu()  # small; the tables live on the CPU whatever device the image is on
+        least, most = work.aminmax()  # NaN propagates: one pass checks the values and gives their range
+        if not (math.isfinite(float(least)) and math.isfinite(float(most))):
             raise DataError("image contains NaN or infinite pixel values")
         self.w, self.scorer, self.shape = float(w), scorer, tuple(work.shape[1:])
         self.ndim = len(self.shape)
-        work = work.float().cpu()  # small; the tables live on the CPU whatever device the image is on
-        span = float(work.max() - work.min())
+        span = float(most - least)
         scale = 1.0 / span if span > 1e-12 else 0.0
         mask = tissue_mask(work) if tissue else None
         self.tables = []
         if scorer == "edge":
             low, high = EDGE_LOW * sensitivity, EDGE_HIGH * sensitivity
             axes = tuple(a for a, n in enumerate(self.shape) if n > 1)  # a 1-pixel axis has no gradient
-            square = torch.zeros(self.shape)
+            square = torch.from_numpy(populated(self.shape)).zero_()
+            g = torch.from_numpy(populated(self.shape))
             for channel in work:  # one channel at a time keeps the temporaries small
-                for g in torch.gradient(channel, dim=axes) if axes else ():
-                    square.addcmul_(g, g)
+                for axis in axes:
+                    square.addcmul_(*(gradient(channel, axis, g),) * 2)
             mag = square.sqrt_().mul_(scale / math.sqrt(work.shape[0]))
             dens = mag.sub_(low).div_(high - low).clamp_(0.0, 1.0)
             if mask is not None:
@@ -156,6 +194,20 @@ class Detail:
             for a, b in zip(lo, hi):
                 v *= b - a
             return v
+
+        if self.scorer == "edge" and self.ndim == 2:  # bounds, box and volume inlined: the same arithmetic
+            item = tables[0].item
+
+            def node(start, size):
+                y, x = start
+                a, b = min(int(y * inv), ly), min(int(x * inv), lx)
+                c, d = min(ceil((y + size) * inv), ny), min(ceil((x + size) * inv), nx)
+                if c <= a:
+                    c = a + 1
+                if d <= b:
+                    d = b + 1
+                return (item(c, d) - item(a, d) - item(c, b) + item(a, b)) / ((c - a) * (d - b))
+            return node
 
         if self.scorer == "edge":
             dens = tables[0]
