@@ -1,5 +1,6 @@
 """Uniform patching and depatch: round trips and the PatchSequence invariants, on random shapes."""
 
+import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -67,3 +68,34 @@ def test_collate_pads_with_invalid_tokens():
     assert batch["valid"].sum(1).tolist() == [4, 8]
     assert (batch["target"][0, 4:] == IGNORE_INDEX).all()
     assert batch["image_shape"].tolist() == [[16, 16], [16, 32]]
+
+
+def test_draw_leaves_matches_a_leaf_by_leaf_reference():
+    """The vectorised outline drawing paints what outlining each leaf in turn (coarse levels first, finer on top)
+    paints, on real adaptive leaves of an odd-sized image drawn at a non-integer scale."""
+    from hrvit.config import PatchingConfig
+    from hrvit.patching import patch_adaptive
+    from hrvit.patching.overlay import LEVEL_COLOURS, draw_leaves
+
+    torch.manual_seed(0)
+    image = torch.rand(3, 203, 301) * (torch.arange(301) > 120)
+    seq = patch_adaptive(image, PatchingConfig(mode="adaptive", patch_size=4, tokens=150))
+    keep = seq.valid.numpy()
+    starts, sizes = seq.boxes.numpy()[keep, :2], seq.boxes.numpy()[keep, 2]
+    levels = seq.level.numpy()[keep]
+    assert len(np.unique(levels)) > 2
+    scale = 0.37
+    h, w = int(203 * scale) + 1, int(301 * scale) + 1
+    rgb = np.zeros((h, w, 3), np.uint8)
+    expected = rgb.copy()
+    for level in sorted(np.unique(levels), reverse=True):
+        colour = LEVEL_COLOURS[min(int(level), len(LEVEL_COLOURS) - 1)]
+        for (y, x), s in zip(starts[levels == level], sizes[levels == level]):
+            y0, x0 = int(y * scale), int(x * scale)
+            y1, x1 = min(h, int((y + s) * scale)) - 1, min(w, int((x + s) * scale)) - 1
+            if y0 >= h or x0 >= w:
+                continue
+            y1, x1 = max(y1, y0), max(x1, x0)
+            expected[[y0, y1], x0:x1 + 1] = colour
+            expected[y0:y1 + 1, [x0, x1]] = colour
+    np.testing.assert_array_equal(draw_leaves(rgb, starts, sizes, levels, scale), expected)
