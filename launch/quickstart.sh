@@ -10,7 +10,7 @@ if [ "${1:-}" = ips ]; then
   shift
   recipe=ips_quickstart data=data/megapixel synth=(megapixel --n 240) port=29512
 else
-  recipe=quickstart data=data/synth2d synth=(slides --n 12) port=29511
+  recipe=quickstart data=data/context2d synth=(slides --family context --n 12) port=29511
 fi
 bash launch/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"

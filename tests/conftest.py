@@ -17,12 +17,17 @@ PROCESS_CALLS = ("hrvit(", "run(", "_start(", "probe(", "profile(", "spawn(")
 
 def pytest_collection_modifyitems(items):
     """Mark `slow` every test that starts processes (it calls one of PROCESS_CALLS or uses the `trained` run), so
-    `-m "not slow"` is the fast subset: everything that runs in the test process itself."""
+    `-m "not slow"` is the fast subset: everything that runs in the test process itself. Under pytest-xdist
+    (launch/test.sh runs two workers, `--dist loadgroup`) the tests of the `trained` run share one worker, so it
+    is trained once."""
     for item in items:
         function = getattr(item, "function", None)
         source = inspect.getsource(function) if function else ""
-        if "trained" in getattr(item, "fixturenames", ()) or any(call in source for call in PROCESS_CALLS):
+        uses_trained = "trained" in getattr(item, "fixturenames", ())
+        if uses_trained or any(call in source for call in PROCESS_CALLS):
             item.add_marker(pytest.mark.slow)
+        if uses_trained:
+            item.add_marker(pytest.mark.xdist_group("trained"))
 
 
 @pytest.fixture(autouse=True)
@@ -144,4 +149,4 @@ def trained(slides, tmp_path_factory):
     return run
 
 
-TRAINED = ["train.steps=16", "train.ckpt_every=8", "train.lr=3e-3"]
+TRAINED = ["train.steps=16", "train.ckpt_every=8", "train.lr=3e-3", "data.class_names=[background,tumour,gland]"]

@@ -14,6 +14,7 @@ from conftest import PY, REPO, TINY, free_port, hrvit
 
 from hrvit.errors import ConfigError
 from hrvit.parallel import env as penv
+from hrvit.parallel.dist import share_cores
 from hrvit.parallel.env import discover, first_host, gpu_for_rank, launched_by, local_tasks, slurm_port
 
 RECIPE = "launch/recipes/quickstart.yaml"
@@ -146,6 +147,24 @@ def test_more_ranks_than_gpus_on_a_node_is_an_error(local_rank, tasks, message):
 ])
 def test_local_task_count_comes_from_the_launcher_that_started_us(env, tasks):
     assert local_tasks(env) == tasks
+
+
+@pytest.mark.parametrize("env, share", [
+    ({**LAUNCHER, "LOCAL_SIZE": "2"}, 2),  # the deepspeed launcher: each rank its share of the cores
+    ({**LAUNCHER, "LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, None),  # the user's setting wins
+    ({**LAUNCHER, "LOCAL_SIZE": "1"}, None),
+    ({**STEP, "SLURM_STEP_TASKS_PER_NODE": "4"}, None),  # srun gives each task its own cores
+])
+def test_ranks_of_a_launcher_share_the_cores(env, share):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        got = share_cores(env)
+        expected = None if share is None else max(1, len(os.sched_getaffinity(0)) // share)
+        assert got == expected and torch.get_num_threads() == (expected or before)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_pick_device_refuses_a_second_rank_on_one_gpu(monkeypatch):

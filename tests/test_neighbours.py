@@ -75,6 +75,27 @@ def test_adaptive_rings_match_the_reference(shape, origin):
         assert (ring_index(boxes, valid, r)[~valid] == -1).all()
 
 
+def test_plans_of_a_sequence_seen_again_are_looked_up_and_bounded():
+    """Whole-slide training meets the same trees again: the second TokenRings of the same boxes reuses the plans
+    (and rings alike); other boxes get their own; the oldest plans leave when the byte limit is reached."""
+    from hrvit.parallel.shard import _PLANS, _RecentPlans
+
+    seq = patch_uniform(torch.rand(3, 40, 56), 8)
+    maps = torch.randn(len(seq.boxes), 2, 4, 4)
+    first = TokenRings(seq.boxes[None], seq.valid[None], [4])
+    again = TokenRings(seq.boxes[None].clone(), seq.valid[None].clone(), [4])
+    fewer = seq.valid.clone()
+    fewer[5] = False
+    other = TokenRings(seq.boxes[None], fewer[None], [4])
+    assert again.plans is first.plans and other.plans is not first.plans
+    assert torch.equal(again(maps), first(maps)) and not torch.equal(other(maps), first(maps))
+    size = _PLANS._bytes(first.plans)
+    small = _RecentPlans(limit=4 * size)
+    for k in range(6):
+        small.put(k, first.plans)
+    assert small.held <= 4 * size and small.get(0) is None and small.get(5) is first.plans
+
+
 def _shapes(rng, n=64):
     """A large disk or square of class 1 on class 0, both noisy: labels constant across many token borders."""
     y, x = np.mgrid[:n, :n]

@@ -252,12 +252,12 @@ def test_probability_maps_of_a_slide_and_a_volume(tmp_path):
     written = predict_image(small_model(channels=3), cfg, [path], open_image(path), out, probabilities=True)
     names = sorted(p.name for p in written)
     assert names == sorted(["slide_pred.tiff", "slide_overlay.png", "slide_prob_background.tiff",
-                            "slide_prob_tumour.tiff", "slide_prob_gland.tiff"]), names
+                            "slide_prob_tumour.tiff", "slide_prob_benign.tiff"]), names
     with tifffile.TiffFile(out / "slide_pred.tiff") as tf:
         labels = tf.pages[0].asarray()
         levels = [pg.shape for pg in tf.pages]
     planes = []
-    for name in ("background", "tumour", "gland"):
+    for name in ("background", "tumour", "benign"):
         with tifffile.TiffFile(out / f"slide_prob_{name}.tiff") as tf:
             assert [pg.shape for pg in tf.pages] == levels and tf.pages[0].dtype == np.uint8
             planes.append(tf.pages[0].asarray())

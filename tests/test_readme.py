@@ -191,7 +191,7 @@ def test_launch_recipes_find_their_data_from_any_folder(tmp_path, monkeypatch):
     """The shipped recipes name the repository's data folder relative to themselves, so they work from anywhere."""
     monkeypatch.chdir(tmp_path)
     cfg = load_config(REPO / "launch/recipes/quickstart.yaml")
-    assert cfg.data.manifest == str(REPO / "data/synth2d/manifest.csv")
+    assert cfg.data.manifest == str(REPO / "data/context2d/manifest.csv")
     assert load_config(REPO / "launch/recipes/quickstart3d.yaml").data.root == str(REPO / "data/synth3d")
 
 

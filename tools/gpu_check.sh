@@ -140,7 +140,7 @@ fi
 step versions 60 "$py" tools/gpu_report.py versions "$work/versions.json"
 
 # --- 2. the quick start on one GPU, fp32 and bf16 ------------------------------------------------------------
-step synth 120 "$py" -m hrvit synth slides --n 12 --size 1024 --seed 0 --out "$work/data"
+step synth 120 "$py" -m hrvit synth slides --family context --n 12 --size 1024 --seed 0 --out "$work/data"
 train=("$py" -m hrvit train launch/recipes/quickstart.yaml "data.manifest=$work/data/manifest.csv"
   parallel.sp_size=1 data.workers=4 "train.steps=$steps")
 step train_fp32 150 "${train[@]}" "output.dir=$work/runs/fp32"

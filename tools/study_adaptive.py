@@ -47,11 +47,12 @@ from hrvit.patching import collate  # noqa: E402
 
 
 def study_config(manifest: Path, mode: str, tokens: int, seed: int, overrides: list[str] = ()):
-    """The quick-start recipe on `manifest`, whole slides, one sample per step (tools/study_baselines.py
-    overrides the window and the classes)."""
+    """The quick-start recipe's model on `manifest`, whole slides, one sample per step at peak lr 2e-3 (the figures in
+    docs/performance.md were measured so; tools/study_baselines.py overrides the window and the classes)."""
     return load_config(REPO / "launch/recipes/quickstart.yaml",
-                       [f"data.manifest={manifest}", "data.window=null", f"patching.mode={mode}",
-                        f"patching.tokens={tokens}", "train.micro_batch=1", f"train.seed={seed}", *overrides])
+                       [f"data.manifest={manifest}", "data.class_names=[background,tumour,gland]", "data.window=null",
+                        f"patching.mode={mode}", f"patching.tokens={tokens}", "train.micro_batch=1", "train.lr=2e-3",
+                        f"train.seed={seed}", *overrides])
 
 
 def set_lr(opt: torch.optim.Optimizer, cfg, frac: float, lr: float | None = None) -> None:

@@ -20,8 +20,8 @@ reading and patching too. On a shared machine wall-clock is unfair, so it is pri
             monai.losses.DiceCELoss, predicted with monai.inferers.sliding_window_inference (overlap 0.5, Gaussian,
             sigma = window / 8 as hrvit's).
 
-Every run uses AdamW with a 5 % warm-up and cosine decay over its budget (study_adaptive.set_lr; peak 2e-3, the
-quick start's, for all three) and is scored with the same full-resolution Dice: hrvit.engine.metrics.dice_counts
+Every run uses AdamW with a 5 % warm-up and cosine decay over its budget (study_adaptive.set_lr; peak 2e-3 for
+all three) and is scored with the same full-resolution Dice: hrvit.engine.metrics.dice_counts
 against the level-0 labels, summed per case, then metrics.summarize (Dice per class; mean over the foreground
 classes). Every --eval-every CPU seconds of budget the held-out slides are predicted again at full resolution
 (not charged to the budget): adaptive as at the end, the windowed runs with --check-overlap (default 0, a quarter of
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time, each one process (default 2: the 2 cores)")
     ap.add_argument("--window-batch", type=int, default=1, help="256² windows per step for windows and unetr")
     ap.add_argument("--unetr-lr", type=float, default=2e-3,
-                    help="UNETR's peak learning rate (default 2e-3, hrvit's train.lr; in a 40 s check on 512² easy "
+                    help="UNETR's peak learning rate (default 2e-3, as hrvit's runs here; in a 40 s check on 512² easy "
                          "slides 5e-4, 1e-3, 2e-3 and 4e-3 gave mean Dice 0.67, 0.77, 0.83 and 0.84)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     ap.add_argument("--seed", type=int, default=0)

@@ -158,7 +158,7 @@ def environment(world: int) -> dict:
     return {"hrvit": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "deepspeed": deepspeed.__version__, "numpy": numpy.__version__,
             "git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
-            "argv": sys.argv, "host": platform.node(), "world_size": world,
+            "argv": sys.argv, "host": platform.node(), "world_size": world, "torch_threads": torch.get_num_threads(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 

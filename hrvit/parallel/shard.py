@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
@@ -132,6 +134,37 @@ def _side_by_side(boxes: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
     return boxes.reshape(-1, 2 * D), valid.reshape(-1)
 
 
+class _RecentPlans:
+    """The ring plans of recent sequences, up to `limit` bytes, newest kept. Training on whole slides meets every
+    slide's tree again each epoch (and a few flipped variants of it), so the plan, about a tenth of a 2-rank CPU
+    step, is mostly looked up; windows of a large slide rarely repeat and only cost the lookup."""
+
+    def __init__(self, limit: int = 256 * 2**20):
+        self.limit, self.held, self.plans = limit, 0, OrderedDict()
+
+    @staticmethod
+    def _bytes(plans: dict) -> int:
+        return sum(t.numel() * t.element_size() for pair in plans.values() for t in pair if t is not None)
+
+    def get(self, key):
+        if key in self.plans:
+            self.plans.move_to_end(key)
+            return self.plans[key]
+        return None
+
+    def put(self, key, plans: dict) -> None:
+        size = self._bytes(plans)
+        if size > self.limit // 4:
+            return
+        self.plans[key] = plans
+        self.held += size
+        while self.held > self.limit:
+            self.held -= self._bytes(self.plans.popitem(last=False)[1])
+
+
+_PLANS = _RecentPlans()
+
+
 class TokenRings:
     """Pads every token's r^D decoder map with the one-pixel ring taken from its neighbours' maps
     (hrvit.patching.neighbours), so the decoder's convolutions see across token borders.
@@ -149,7 +182,12 @@ class TokenRings:
         if size > 1:
             boxes = torch.cat(comm.all_gather(boxes, group), 1)
             valid = torch.cat(comm.all_gather(valid.to(torch.uint8), group), 1).bool()
-        self.plans = {r: self._plan(boxes, valid, r, rank, size) for r in sides}
+        key = (rank, size, tuple(sides), str(boxes.device), str(boxes.dtype), tuple(boxes.shape),
+               hashlib.blake2b(boxes.cpu().numpy().tobytes() + valid.cpu().numpy().tobytes(), digest_size=16).digest())
+        self.plans = _PLANS.get(key)
+        if self.plans is None:
+            self.plans = {r: self._plan(boxes, valid, r, rank, size) for r in sides}
+            _PLANS.put(key, self.plans)
 
     @staticmethod
     def _plan(boxes, valid, r: int, rank: int, size: int):
