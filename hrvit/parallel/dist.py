@@ -54,8 +54,8 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 def share_cores(env) -> int | None:
     """Under a launcher that starts every rank of a node with the node's cores (the deepspeed launcher), give
     each rank its share of torch threads, as torchrun does with OMP_NUM_THREADS=1: by default each rank would
-    start a thread per core, and on CPU the ranks then fight over the cores (the 2-rank quick start ran about
-    25 % slower). OMP_NUM_THREADS, when set, wins; Slurm and MPI tasks are left alone (each gets its own
+    start a thread per core, and on CPU the ranks then fight over the cores (the 2-rank quick start ran 10 to
+    20 % slower). OMP_NUM_THREADS, when set, wins; Slurm and MPI tasks are left alone (each gets its own
     cores there). Returns the threads set, or None."""
     import torch
 
